@@ -1,0 +1,29 @@
+# The README's two commands. Both create .venv and install the project on a fresh machine.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rbcbatch demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/ruff check rbcbatch tests
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check rbcbatch tests
+	$(BIN)/ruff format --check rbcbatch tests
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,272 @@
+"""The `rbcbatch` command line. Scripts and schedulers call these; keep them stable."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rbcbatch.errors import RbcbatchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Screen blood-smear archives for anemia and hereditary spherocytosis, cell by cell.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write images, catalog.csv, truth.parquet and truth_masks/ into."
+    ),
+    patients: int = typer.Option(
+        6, "--patients", min=1, help="Number of patients (conditions round-robin normal, hs, ida)."
+    ),
+    images_per_patient: int = typer.Option(
+        2, "--images-per-patient", min=1, help="Smear fields per patient."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
+    height: int = typer.Option(600, help="Image height in pixels."),
+    width: int = typer.Option(800, help="Image width in pixels."),
+) -> None:
+    """Generate a synthetic cohort with exact per-cell ground truth."""
+    from rbcbatch.synth import synth_cohort
+
+    catalog = synth_cohort(out_dir, patients, images_per_patient, seed, height=height, width=width)
+    out_console.print(f"wrote {patients * images_per_patient} images; catalog: {catalog}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def run_catalog(
+    catalog: str,
+    out: str,
+    segmenter: str,
+    classifier: str,
+    workers: int | None,
+    address: str | None,
+    new_config: bool,
+    quiet: bool = False,
+):
+    """Run the pipeline with a progress bar; returns the RunSummary."""
+    from rbcbatch.pipeline import RunConfig, run
+
+    config = RunConfig(segmenter=segmenter, classifier=classifier)
+    state = {"objects": 0, "failed": 0}
+    with _progress() as progress:
+        task = progress.add_task("slides", total=None, note="starting Ray")
+
+        def on_start(pending: int, skipped: int) -> None:
+            note = f"{skipped} already committed, skipped" if skipped else ""
+            progress.update(task, total=pending, note=note)
+
+        def on_slide(row: dict) -> None:
+            state["objects"] += int(row["n_objects"])
+            state["failed"] += row["status"] != "ok"
+            progress.update(
+                task, advance=1, note=f"{state['objects']} cells, {state['failed']} failed"
+            )
+
+        summary = run(
+            catalog,
+            out,
+            config,
+            address=address,
+            workers=workers,
+            new_config=new_config,
+            on_start=on_start,
+            on_slide=on_slide,
+        )
+    return summary
+
+
+@app.command("run")
+def run_cmd(
+    catalog: str = typer.Argument(..., help="Catalog CSV or Parquet (local path or s3:// URL)."),
+    out: str = typer.Option(
+        ..., "--out", help="Run folder; re-running into it resumes (committed slides are skipped)."
+    ),
+    segmenter: str = typer.Option("classical", help="Segmenter: classical (Otsu + watershed)."),
+    classifier: str = typer.Option("rules", help="Morphology classifier: rules."),
+    workers: int = typer.Option(
+        None, help="Actors in the pool (default: one per CPU in the cluster)."
+    ),
+    address: str = typer.Option(
+        None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."
+    ),
+    new_config: bool = typer.Option(
+        False,
+        "--new-config",
+        help="Allow a changed configuration in an existing run folder; every slide is redone.",
+    ),
+) -> None:
+    """Segment, measure and classify every red cell of a catalog's slides.
+
+    Exit status: 0 when every slide is committed, 1 when some failed (their reasons are in
+    OUT/failures.parquet), 2 for a usage or configuration error.
+    """
+    try:
+        summary = run_catalog(catalog, out, segmenter, classifier, workers, address, new_config)
+    except (RbcbatchError, KeyError, ValueError) as e:
+        _fail(str(e).strip("'\""))
+    console.print(
+        f"run {summary.run_id}: {summary.processed} slide(s) processed, {summary.skipped} already "
+        f"committed, {summary.objects} objects, {summary.seconds:.1f} s → {out}"
+    )
+    if summary.n_failed:
+        for row in summary.failed[:20]:
+            console.print(f"  [red]failed[/red] {row['slide_id']!r}: {row['message']}")
+        console.print(
+            f"[red]{summary.n_failed} of {summary.total} slide(s) failed[/red]; see {out}/failures.parquet"
+        )
+        raise typer.Exit(1)
+
+
+def _print_table(table, title: str | None = None, csv: bool = False) -> None:
+    if csv:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+        return
+    view = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        view.add_row(
+            *[
+                f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+                for v in row.values()
+            ]
+        )
+    out_console.print(view)
+
+
+PATIENT_COLUMNS = (
+    "patient_id, site, label, n_slides, n_rbc, spherocyte_pct, microcyte_pct, macrocyte_pct, "
+    "hypochromic_pct, poikilocyte_pct, diameter_mean_um, diameter_cv_pct, hs_flag, anemia_flag"
+)
+
+
+def _rules(path: Path | None):
+    from rbcbatch.analytics import ScreeningRules
+
+    return ScreeningRules.from_yaml(str(path)) if path else ScreeningRules()
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="A run folder written by `rbcbatch run`."),
+    rules: Path = typer.Option(
+        None, help="YAML file overriding screening thresholds (see ScreeningRules)."
+    ),
+    csv: bool = typer.Option(False, "--csv", help="Print CSV with a header instead of a table."),
+) -> None:
+    """Print the patient table: indicators and HS / anemia screening flags."""
+    from rbcbatch.analytics import query as run_query
+
+    try:
+        table = run_query(run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    _print_table(table, "patients", csv)
+
+
+@app.command()
+def query(
+    run_dir: str = typer.Argument(..., help="A run folder written by `rbcbatch run`."),
+    sql: str = typer.Argument(..., help="SQL over the views cells, slides, patients."),
+    csv: bool = typer.Option(False, "--csv", help="Print CSV with a header."),
+    rules: Path = typer.Option(None, help="YAML file overriding screening thresholds."),
+) -> None:
+    """Run SQL over a run's views (cells, slides, patients)."""
+    import duckdb
+
+    from rbcbatch.analytics import query as run_query
+
+    try:
+        table = run_query(run_dir, sql, _rules(rules))
+    except (FileNotFoundError, ValueError, duckdb.Error) as e:
+        _fail(str(e))
+    _print_table(table, None, csv)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic cohort and the run."),
+    patients: int = typer.Option(12, help="Patients in the synthetic cohort."),
+    images_per_patient: int = typer.Option(3, help="Smear fields per patient."),
+    seed: int = typer.Option(7, help="Random seed of the cohort."),
+    workers: int = typer.Option(None, help="Actors in the pool (default: one per CPU)."),
+) -> None:
+    """Synthesise a cohort, run it, print the patient table and how well it matches truth."""
+    from rbcbatch.demo import agreement_tables
+    from rbcbatch.synth import synth_cohort
+
+    started = time.perf_counter()
+    cohort_dir, run_dir = out / "cohort", out / "run"
+    console.print(
+        f"[bold]1/3[/bold] synthesising {patients} patients × {images_per_patient} fields → {cohort_dir}"
+    )
+    catalog = synth_cohort(cohort_dir, patients, images_per_patient, seed)
+    console.print(f"[bold]2/3[/bold] running the pipeline → {run_dir}")
+    summary = run_catalog(str(catalog), str(run_dir), "classical", "rules", workers, None, True)
+    console.print(f"[bold]3/3[/bold] report ({summary.objects} objects in {summary.seconds:.1f} s)")
+    from rbcbatch.analytics import query as run_query
+
+    _print_table(run_query(str(run_dir), f"SELECT {PATIENT_COLUMNS} FROM patients"), "patients")
+    for title, table in agreement_tables(str(run_dir), cohort_dir / "truth.parquet"):
+        _print_table(table, title)
+    out_console.print(
+        f"demo finished in {time.perf_counter() - started:.1f} s; query it with: "
+        f'rbcbatch query {run_dir} "SELECT * FROM patients"'
+    )
+    if summary.n_failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schemas(
+    write: bool = typer.Option(
+        False, "--write", help="Rewrite the files in the folder instead of checking them."
+    ),
+    folder: Path = typer.Option(Path("schemas"), help="Folder holding the schema files."),
+) -> None:
+    """Check (or rewrite) schemas/*.json against the code's Parquet schemas."""
+    from rbcbatch.schemas import check_schema_files
+
+    problems = check_schema_files(folder, write=write)
+    for p in problems:
+        console.print(f"[red]{p}[/red]")
+    raise typer.Exit(1 if problems else 0)
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,280 @@
+"""Per-cell measurements of one segmented region of a slide.
+
+Every clinical measure is in micrometres (or is unitless), never in pixels, so that slides scanned
+at different pixel sizes give comparable numbers. `measure_cells` returns columns (one numpy array
+per measure, one row per label, like scikit-image's `regionprops_table`); `CELL_MEASURES` is the
+ordered list of those columns with their Arrow types and is the source of the cells Parquet schema.
+
+Geometry comes from `skimage.measure.regionprops`. Colour is summarised as optical density
+(OD = -log10(I / I_background), averaged over R, G, B), which is proportional to the amount of
+haemoglobin stain along the light path and so does not depend on the illumination.
+
+Central pallor is measured on a normalised distance to the cell boundary: each pixel's Euclidean
+distance to the nearest background pixel divided by the cell's largest such distance (0 at the
+edge, 1 at the innermost point). Zones defined on this scale follow the cell's shape, so they work
+for ellipses as well as for disks.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from scipy import ndimage as ndi
+from skimage.measure import regionprops_table
+from skimage.segmentation import relabel_sequential
+
+# Column name -> Arrow type, in output order. float32 holds ~7 significant digits, more than any
+# of these measures has; slide coordinates are float64 because whole slides reach ~1e5 px and
+# centroids need sub-pixel precision there; bboxes are int32 (slides are < 2**31 px a side).
+CELL_MEASURES: dict[str, pa.DataType] = {
+    "cell_id": pa.uint32(),
+    "centroid_x": pa.float64(),
+    "centroid_y": pa.float64(),
+    "bbox_x0": pa.int32(),
+    "bbox_y0": pa.int32(),
+    "bbox_x1": pa.int32(),
+    "bbox_y1": pa.int32(),
+    "area_um2": pa.float32(),
+    "diameter_um": pa.float32(),
+    "perimeter_um": pa.float32(),
+    "circularity": pa.float32(),
+    "eccentricity": pa.float32(),
+    "solidity": pa.float32(),
+    "major_axis_um": pa.float32(),
+    "minor_axis_um": pa.float32(),
+    "aspect_ratio": pa.float32(),
+    "mean_r": pa.float32(),
+    "mean_g": pa.float32(),
+    "mean_b": pa.float32(),
+    "mean_od": pa.float32(),
+    "pallor_ratio": pa.float32(),
+    "pallor_area_fraction": pa.float32(),
+    "ring_ratio": pa.float32(),
+    "core_ratio": pa.float32(),
+    "touches_edge": pa.bool_(),
+}
+
+# Zones on the normalised distance to the boundary (0 = edge, 1 = innermost pixel). Values follow
+# the radial thickness profile of a discocyte (Bain, Blood Cells, 5th ed.): a blurred, thin outer
+# edge, a haemoglobin-rich torus, and a central pallor spanning about a third of the diameter.
+# The rim is the torus: the outermost 15% is left out because the cell thins there and the
+# optics blur it into the background.
+RIM_MIN = 0.15
+RIM_MAX = 0.50
+# The centre is the innermost 35%: the pallor of a normal cell (a third of the diameter).
+CENTRE_MIN = 0.65
+# A target cell (codocyte) has a dense central spot (the innermost 20%, the core) inside a pale
+# ring (the annulus, between rim and core).
+CORE_MIN = 0.80
+# A pixel is pale when its OD is below this fraction of the cell's rim OD: a normal cell's pallor
+# reaches ~0.5-0.6 of the rim only at its very centre, a hypochromic cell's ~0.3-0.5 over half its
+# diameter.
+PALE_FRACTION = 0.6
+
+# Transmitted intensities are floored at 1 (of 255) before taking the log, so OD stays finite.
+_MIN_INTENSITY = 1.0
+# Background colour is estimated on every _BACKGROUND_STEP-th row and column.
+_BACKGROUND_STEP = 2
+# Labels are relabelled to 1..n before regionprops when their largest id exceeds this many times
+# the pixel count: regionprops allocates per id up to the largest one.
+_SPARSE_FACTOR = 4
+
+
+def empty_columns() -> dict[str, np.ndarray]:
+    """Zero-row columns with the dtypes of CELL_MEASURES."""
+    return {name: np.empty(0, dtype=t.to_pandas_dtype()) for name, t in CELL_MEASURES.items()}
+
+
+def estimate_background(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per-channel median RGB of unlabelled pixels, float64 (3,); 255 where there are none.
+
+    labels: (H, W) integer, 0 = background; image: (H, W, 3) uint8. Read on every other row and
+    column (a quarter of the pixels is plenty for a median) off a 256-bin histogram (the lower
+    median for an even count): ~1 ms for 800 x 600 against ~10 ms for np.median of all.
+    """
+    step = _BACKGROUND_STEP if min(labels.shape) >= 8 * _BACKGROUND_STEP else 1
+    bg = image[::step, ::step][labels[::step, ::step] == 0]
+    if bg.size == 0:
+        return np.full(3, 255.0)
+    half = (bg.shape[0] + 1) // 2
+    cumulative = [np.cumsum(np.bincount(bg[:, c], minlength=256)) for c in range(3)]
+    return np.array([np.searchsorted(h, half) for h in cumulative], dtype=np.float64)
+
+
+def solidity_of(mask: np.ndarray) -> float:
+    """Area over convex-hull area of one cell's outer contour (OpenCV's definition), float.
+
+    mask: (h, w) bool. skimage's `solidity` rasterises the hull and costs ~0.3 ms a cell against
+    ~0.01 ms here; the two agree within ~0.02 on disks, ellipses and bitten disks. A region
+    without area (a point or a line) is convex: 1.
+    """
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    hull_area = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
+    if hull_area <= 0:
+        return 1.0
+    return sum(cv2.contourArea(c) for c in contours) / hull_area
+
+
+def optical_density(image: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
+    """Mean-over-channels optical density, float32 (H, W), floored at 0.
+
+    image: (H, W, 3) uint8; background_rgb: (3,) floats. Pixels brighter than the background
+    (noise) read 0 rather than a negative density.
+    """
+    levels = np.maximum(np.arange(256, dtype=np.float64), _MIN_INTENSITY)
+    bg = np.maximum(np.asarray(background_rgb, dtype=np.float64), _MIN_INTENSITY)
+    # One 256-entry table per channel: a lookup is much cheaper than a log per pixel.
+    lut = np.maximum(-np.log10(levels[None, :] / bg[:, None]), 0.0) / 3.0
+    od = lut[0][image[..., 0]] + lut[1][image[..., 1]] + lut[2][image[..., 2]]
+    return od.astype(np.float32)
+
+
+def pallor_measures(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
+    """Central-pallor measures of one cell: (pallor_ratio, pallor_area_fraction, ring_ratio,
+    core_ratio).
+
+    mask: (h, w) bool, the cell in its bounding box; od: (h, w) float32, optical density there.
+    pallor_ratio = mean OD of the centre / mean OD of the rim (< 1 with central pallor, > 1 for a
+    cell thickest in the middle such as a spherocyte); pallor_area_fraction = pale pixels inside
+    the outer edge / all cell pixels; ring_ratio = mean OD of the annulus / rim OD; core_ratio =
+    core OD / annulus OD (> 1 for a target cell's central spot). NaN where a zone is empty (cells
+    a few pixels across).
+    """
+    dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    inside = dist[mask]
+    values = od[mask]
+    norm = inside / inside.max()
+    rim = (norm >= RIM_MIN) & (norm < RIM_MAX)
+    core = norm >= CORE_MIN
+    annulus = (norm >= RIM_MAX) & ~core
+    rim_od = _zone_mean(values, rim)
+    annulus_od = _zone_mean(values, annulus)
+    pallor_ratio = _zone_mean(values, norm >= CENTRE_MIN) / rim_od
+    ring_ratio = annulus_od / rim_od
+    core_ratio = _zone_mean(values, core) / annulus_od
+    pale = np.count_nonzero((values < PALE_FRACTION * rim_od) & (norm >= RIM_MIN))
+    pale_fraction = pale / values.size if np.isfinite(rim_od) else np.nan
+    return pallor_ratio, pale_fraction, ring_ratio, core_ratio
+
+
+def _zone_mean(values: np.ndarray, zone: np.ndarray) -> float:
+    """Mean of values in zone; NaN (not a warning) when the zone is empty."""
+    n = np.count_nonzero(zone)
+    return float(values[zone].sum() / n) if n else np.nan
+
+
+def measure_cells(
+    labels: np.ndarray,
+    image: np.ndarray,
+    um_per_px: float,
+    origin_yx: tuple[int, int] = (0, 0),
+    background_rgb: tuple[float, float, float] | np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Measure every labelled cell of a region: columns of CELL_MEASURES, one row per label.
+
+    labels: (H, W) integer instance labels (uint32 from the segmenter), 0 = background; image:
+    (H, W, 3) uint8 RGB of the same region; um_per_px: the slide's pixel size; origin_yx: where
+    this region's pixel (0, 0) lies in full-resolution slide pixels (centroids and bboxes are
+    returned in slide pixels); background_rgb: the slide's background colour for optical density,
+    estimated from this region's unlabelled pixels when None.
+
+    Rows are sorted by cell_id. Undefined measures (e.g. the aspect ratio of a one-pixel cell) are
+    NaN. Circularity uses the Crofton perimeter: for digitised disks of radius 10-40 px it gives
+    0.99-1.04, where the boundary-chain `perimeter` gives 0.91-1.00 (too long a perimeter on large
+    cells); cells a few pixels across can exceed 1.
+    """
+    labels = np.asarray(labels)
+    image = np.asarray(image)
+    if labels.ndim != 2 or image.shape != (*labels.shape, 3):
+        raise ValueError(
+            f"labels (H, W) and image (H, W, 3) expected, got {labels.shape}, {image.shape}"
+        )
+    if not um_per_px > 0:
+        raise ValueError(f"um_per_px must be positive, got {um_per_px}")
+    max_label = int(labels.max()) if labels.size else 0
+    if max_label == 0:
+        return empty_columns()
+
+    ids_of = None
+    if max_label > _SPARSE_FACTOR * labels.size:
+        labels, _, inverse = relabel_sequential(labels)
+        ids_of = inverse
+    if background_rgb is None:
+        background_rgb = estimate_background(labels, image)
+    od = optical_density(image, np.asarray(background_rgb, dtype=np.float64))
+
+    t = regionprops_table(
+        labels,
+        properties=(
+            "label",
+            "bbox",
+            "centroid",
+            "area",
+            "perimeter_crofton",
+            "eccentricity",
+            "axis_major_length",
+            "axis_minor_length",
+            "image",
+        ),
+    )
+    n = t["label"].size
+    means = np.empty((n, 4), dtype=np.float64)
+    solidity = np.empty(n, dtype=np.float64)
+    pallor = np.empty((n, 4), dtype=np.float64)
+    for i in range(n):
+        sl = (slice(t["bbox-0"][i], t["bbox-2"][i]), slice(t["bbox-1"][i], t["bbox-3"][i]))
+        mask = t["image"][i]
+        cell_od = od[sl]
+        means[i, :3] = image[sl][mask].mean(axis=0)
+        means[i, 3] = cell_od[mask].mean()
+        pallor[i] = pallor_measures(mask, cell_od)
+        solidity[i] = solidity_of(mask)
+
+    ids = t["label"] if ids_of is None else ids_of[t["label"]]
+    oy, ox = origin_yx
+    height, width = labels.shape
+    area_px = t["area"].astype(np.float64)
+    perimeter_px = t["perimeter_crofton"]
+    major_px = t["axis_major_length"]
+    minor_px = t["axis_minor_length"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        circularity = np.where(perimeter_px > 0, 4 * np.pi * area_px / perimeter_px**2, np.nan)
+        aspect = np.where(minor_px > 0, major_px / minor_px, np.nan)
+    columns = {
+        "cell_id": ids,
+        "centroid_x": t["centroid-1"] + ox,
+        "centroid_y": t["centroid-0"] + oy,
+        "bbox_x0": t["bbox-1"] + ox,
+        "bbox_y0": t["bbox-0"] + oy,
+        "bbox_x1": t["bbox-3"] + ox,
+        "bbox_y1": t["bbox-2"] + oy,
+        "area_um2": area_px * um_per_px**2,
+        "diameter_um": np.sqrt(4 * area_px / np.pi) * um_per_px,
+        "perimeter_um": perimeter_px * um_per_px,
+        "circularity": circularity,
+        "eccentricity": t["eccentricity"],
+        "solidity": solidity,
+        "major_axis_um": major_px * um_per_px,
+        "minor_axis_um": minor_px * um_per_px,
+        "aspect_ratio": aspect,
+        "mean_r": means[:, 0],
+        "mean_g": means[:, 1],
+        "mean_b": means[:, 2],
+        "mean_od": means[:, 3],
+        "pallor_ratio": pallor[:, 0],
+        "pallor_area_fraction": pallor[:, 1],
+        "ring_ratio": pallor[:, 2],
+        "core_ratio": pallor[:, 3],
+        "touches_edge": (t["bbox-0"] == 0)
+        | (t["bbox-1"] == 0)
+        | (t["bbox-2"] == height)
+        | (t["bbox-3"] == width),
+    }
+    order = np.argsort(columns["cell_id"], kind="stable")
+    return {
+        name: np.asarray(columns[name])[order].astype(t_.to_pandas_dtype(), copy=False)
+        for name, t_ in CELL_MEASURES.items()
+    }

@@ -1,0 +1,359 @@
+"""The run: catalog → Ray Data → per-slide segment, stitch, measure, classify → commit.
+
+Ray Data streams catalog rows to a pool of actors. Each actor builds its models once and, per
+slide, reads and decodes the image, resamples it to the segmenter's working resolution, segments
+it tile by tile (halo + centroid-in-core stitching), maps the labels back to full resolution,
+measures and classifies every cell in µm, and commits the slide's mask, cells and record.
+A slide that fails becomes a failures row; the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from rbcbatch import __version__
+from rbcbatch.catalog import SlideSpec, load_catalog
+from rbcbatch.classify import MorphologyRules, classify_rules
+from rbcbatch.errors import Failure, RbcbatchError
+from rbcbatch.measure import measure_cells
+from rbcbatch.segment import ClassicalSegmenter, estimate_slide_stats
+from rbcbatch.sinks import RunStore, cells_schema, now_iso
+from rbcbatch.sources import MAX_WHOLE_IMAGE_PIXELS, read_slide, resample, resize_labels
+from rbcbatch.stitch import core_object_ids, paint_tile
+from rbcbatch.tiling import TileGeometry, tile_grid
+
+# Slide statistics (background, thresholds) are estimated on an overview of at most this size.
+OVERVIEW_PIXELS = 4_000_000
+
+KIND_NAMES = {1: "rbc", 2: "wbc", 3: "platelet"}
+
+SEGMENTERS: dict[str, Callable] = {"classical": ClassicalSegmenter}
+CLASSIFIERS: dict[str, Callable] = {"rules": MorphologyRules}
+
+
+def _lookup(registry: dict[str, Callable], name: str, what: str) -> Callable:
+    try:
+        return registry[name]
+    except KeyError:
+        raise KeyError(f"unknown {what} {name!r}; choose one of {sorted(registry)}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that changes what a run computes (its hash goes on every row)."""
+
+    segmenter: str = "classical"
+    classifier: str = "rules"
+    tile_px: int = 512
+    halo_px: int = 96
+    max_pixels: int = MAX_WHOLE_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        _lookup(SEGMENTERS, self.segmenter, "segmenter")
+        _lookup(CLASSIFIERS, self.classifier, "classifier")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stable_hash(obj: dict) -> str:
+    """Short sha256 of a JSON document with sorted keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Models:
+    """The models of one run, built once per actor."""
+
+    config: RunConfig
+    segmenter: object = field(init=False)
+    rules: MorphologyRules = field(init=False)
+    geometry: TileGeometry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.segmenter = _lookup(SEGMENTERS, self.config.segmenter, "segmenter")()
+        self.rules = _lookup(CLASSIFIERS, self.config.classifier, "classifier")()
+        self.geometry = TileGeometry(
+            self.config.tile_px, self.config.halo_px, self.segmenter.um_per_px
+        )
+
+    def describe(self) -> dict:
+        return {
+            "run": self.config.to_dict(),
+            "segmenter": self.segmenter.config(),
+            "classifier": self.rules.to_dict(),
+            "geometry": self.geometry.to_dict(),
+        }
+
+    @property
+    def model_hash(self) -> str:
+        return stable_hash(
+            {"segmenter": self.segmenter.config(), "classifier": self.rules.to_dict()}
+        )
+
+
+def segment_slide(
+    image: np.ndarray, um_per_px: float, models: Models
+) -> tuple[np.ndarray, dict[int, int], object]:
+    """Instance labels of a whole slide at full resolution, and each label's object kind.
+
+    image: uint8 H×W×3 at the slide's pixel size. Returns (labels uint32 H×W, {id: kind}, stats).
+    """
+    work = resample(image, um_per_px / models.geometry.um_per_px)
+    overview_scale = min(1.0, (OVERVIEW_PIXELS / (work.shape[0] * work.shape[1])) ** 0.5)
+    stats = estimate_slide_stats(resample(work, overview_scale))
+    canvas = np.zeros(work.shape[:2], dtype=np.uint32)
+    kinds: dict[int, int] = {}
+    next_id = 1
+    for tile in tile_grid(work.shape[0], work.shape[1], models.geometry):
+        seg = models.segmenter(np.ascontiguousarray(work[tile.outer_slices]), stats)
+        keep = core_object_ids(seg.labels, tile)
+        for offset, local in enumerate(keep):
+            kinds[next_id + offset] = int(seg.kinds[local - 1])
+        next_id = paint_tile(canvas, seg.labels, tile, keep, next_id)
+    labels = resize_labels(canvas, image.shape[0], image.shape[1])
+    return labels, kinds, stats
+
+
+def cells_table(
+    columns: dict[str, np.ndarray],
+    kinds: dict[int, int],
+    models: Models,
+    spec: SlideSpec,
+    provenance: dict,
+) -> pa.Table:
+    """Measurements + calls + provenance, in the cells schema's column order."""
+    n = len(columns["cell_id"])
+    kind = np.array([KIND_NAMES[kinds[int(i)]] for i in columns["cell_id"]], dtype=object)
+    calls = (
+        np.asarray(classify_rules(columns, models.rules), dtype=object)
+        if n
+        else np.array([], dtype=object)
+    )
+    calls = np.where(kind == "rbc", calls, kind)
+    values = {
+        "cohort": spec.cohort,
+        "patient_id": spec.patient_id,
+        "slide_id": spec.slide_id,
+        "site": spec.site,
+        "scanner": spec.scanner,
+        "stain": spec.stain,
+        "um_per_px": spec.um_per_px,
+        "segmenter": models.config.segmenter,
+        "classifier": models.config.classifier,
+        "model_hash": models.model_hash,
+        **provenance,
+    }
+    schema = cells_schema()
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            data = columns[f.name]
+        elif f.name == "kind":
+            data = kind
+        elif f.name == "class":
+            data = calls
+        else:
+            data = [values[f.name]] * n
+        arrays.append(pa.array(data, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class SlideProcessor:
+    """Ray Data actor: builds the models once, then processes and commits batches of slides."""
+
+    def __init__(self, run_url: str, storage_options: dict | None, config: dict, run_id: str):
+        self.config = RunConfig(**config)
+        self.models = Models(self.config)
+        self.store = RunStore(run_url, storage_options)
+        self.storage_options = storage_options
+        self.provenance = {
+            "run_id": run_id,
+            "config_hash": stable_hash(self.models.describe()),
+            "code_version": __version__,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"slide_id": [], "status": [], "n_objects": [], "message": []}
+        for i in range(len(batch["slide_id"])):
+            spec = SlideSpec(**{k: _scalar(v[i]) for k, v in batch.items()})
+            try:
+                record = self.process(spec)
+                out["status"].append("ok")
+                out["n_objects"].append(record["n_objects"])
+                out["message"].append("")
+            except Exception as exc:  # one bad slide is a failures row, never a lost run
+                failure = Failure.from_exception(spec.slide_id, spec.uri, "process", exc)
+                self.store.record_failure(
+                    failure, self.provenance["run_id"], f"slide-{spec.slide_id}"
+                )
+                out["status"].append("failed")
+                out["n_objects"].append(0)
+                out["message"].append(f"{failure.stage}: {failure.message}")
+            out["slide_id"].append(spec.slide_id)
+        return out
+
+    def process(self, spec: SlideSpec) -> dict:
+        t0 = time.perf_counter()
+        image = read_slide(spec.slide_id, spec.uri, self.storage_options, self.config.max_pixels)
+        t1 = time.perf_counter()
+        labels, kinds, stats = segment_slide(image, spec.um_per_px, self.models)
+        t2 = time.perf_counter()
+        columns = measure_cells(labels, image, spec.um_per_px, background_rgb=stats.background_rgb)
+        table = cells_table(columns, kinds, self.models, spec, self.provenance)
+        t3 = time.perf_counter()
+        self.store.write_mask(
+            spec.slide_id,
+            labels,
+            spec.um_per_px,
+            {"slide_id": spec.slide_id, "uri": spec.uri, **self.provenance},
+        )
+        self.store.write_cells(spec.cohort, spec.patient_id, spec.slide_id, table)
+        kind_col = table.column("kind").to_pylist()
+        record = {
+            **{k: v for k, v in spec.to_dict().items() if k != "row"},
+            "status": "ok",
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "n_objects": table.num_rows,
+            "n_rbc": kind_col.count("rbc"),
+            "model_hash": self.models.model_hash,
+            **self.provenance,
+            "read_s": t1 - t0,
+            "segment_s": t2 - t1,
+            "measure_s": t3 - t2,
+            "write_s": time.perf_counter() - t3,
+            "finished_at": now_iso(),
+        }
+        self.store.commit(record)
+        return record
+
+
+def _scalar(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    total: int
+    skipped: int
+    processed: int
+    failed: list[dict]
+    objects: int
+    seconds: float
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (address or RAY_ADDRESS) or start a local one bound to loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=False,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def run(
+    catalog_uri: str,
+    out: str,
+    config: RunConfig | None = None,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    storage_options: dict | None = None,
+    new_config: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_slide: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Process every uncommitted slide of a catalog into `out`; resumable and idempotent."""
+    config = config or RunConfig()
+    started = time.perf_counter()
+    catalog = load_catalog(catalog_uri, storage_options)
+    models = Models(config)
+    description = models.describe()
+    store = RunStore(out, storage_options)
+    store.open(description, stable_hash(description), allow_new_config=new_config)
+    run_id = new_run_id()
+    failed: list[dict] = []
+    for failure in catalog.rejected:
+        store.record_failure(failure, run_id, f"catalog-row-{len(failed) + 1}")
+        failed.append(
+            {
+                "slide_id": failure.slide_id,
+                "status": "failed",
+                "message": f"catalog: {failure.message}",
+            }
+        )
+    done = store.committed()
+    pending = [s for s in catalog.slides if s.slide_id not in done]
+    if on_start:
+        on_start(len(pending), len(catalog.slides) - len(pending))
+    objects = 0
+    if pending:
+        connect_ray(address)
+        import ray
+
+        cpus = int(ray.available_resources().get("CPU", 1))
+        size = max(1, min(workers or cpus, len(pending)))
+        items = [s.to_dict() for s in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            SlideProcessor,
+            fn_constructor_kwargs={
+                "run_url": out,
+                "storage_options": storage_options,
+                "config": config.to_dict(),
+                "run_id": run_id,
+            },
+            batch_size=1,
+            num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=size),
+        )
+        for row in ds.iter_rows():
+            row = dict(row)
+            objects += int(row["n_objects"])
+            if row["status"] != "ok":
+                failed.append(row)
+            if on_slide:
+                on_slide(row)
+    store.finalize()
+    if not pending and not catalog.slides and not catalog.rejected:
+        raise RbcbatchError(f"catalog {catalog_uri} has no rows")
+    return RunSummary(
+        run_id,
+        len(catalog.slides) + len(catalog.rejected),
+        len(done & {s.slide_id for s in catalog.slides}),
+        len(pending),
+        failed,
+        objects,
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real data folder, one small local Ray for the session, tiny cohorts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RBCBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a real data set beside the repository, or skip the test saying why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data set {name!r} not found at {path} (set RBCBATCH_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """Three patients (normal, hs, ida) × 2 small fields; returns the catalog path."""
+    from rbcbatch.synth import synth_cohort
+
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    return synth_cohort(out, n_patients=3, images_per_patient=2, seed=11, height=360, width=480)

@@ -37,39 +37,53 @@ OBJECT_KINDS: dict[str, int] = {"rbc": 1, "wbc": 2, "platelet": 3}
 class MorphologyRules:
     """Thresholds of the rule-based morphology call (µm and unitless ratios).
 
-    Literature values are from ICSH recommendations for red-cell morphology (Palmer et al., Int J
-    Lab Hematol 2015) and standard haematology texts (Bain, Blood Cells, 5th ed.); values marked
-    "tuned" were set on synthetic fields with true instance masks (see classify_rules).
+    Literature values follow the ICSH recommendations for red-cell morphology (Palmer et al., Int
+    J Lab Hematol 2015) and standard haematology texts (normal red-cell diameter 6.2-8.2 µm).
+    Values marked "tuned" were set on synthetic fields (rbcbatch.synth, 30 fields, both sites,
+    all conditions) measured on their true instance masks; the OD ratios depend on how the
+    measures are defined in rbcbatch.measure, so they have no literature value.
     """
 
-    # Below this equivalent diameter an object is not measurable as a red cell (platelets are
-    # 1.5-3 µm): called "other".
+    # Below this equivalent diameter an object is too small to be read as a red cell (platelets
+    # are 2-3 µm): called "other".
     min_cell_diameter_um: float = 2.5
-    # Schistocytes are fragments, smaller than a red cell (3-6 µm, tuned to 5.6) ...
-    schistocyte_max_diameter_um: float = 5.6
-    # ... and not round: a disk cut by a chord has circularity ~0.75 (half disk) to ~0.9, a
-    # round cell of this size >= 0.95 with the Crofton perimeter (tuned) ...
-    schistocyte_max_circularity: float = 0.88
-    # ... or with a bite out of it (helmet cells, keratocytes): solidity of a round cell is ~0.97.
+    # Schistocytes are fragments smaller than a red cell (3-6 µm) ...
+    schistocyte_max_diameter_um: float = 6.0
+    # ... whose outline is not an ellipse: straight cuts and corners lower the circularity below
+    # that of an ellipse of the same aspect ratio (ellipse_fit: a half disk 0.86; fully visible
+    # intact cells >= 0.95, tuned) ...
+    schistocyte_max_ellipse_fit: float = 0.93
+    # ... or has a bite out of it (helmet cells): a round cell's solidity is ~0.97.
     schistocyte_max_solidity: float = 0.9
-    # Elliptocytes: long axis / short axis. ICSH counts ovalocytes from ~1.25 and elliptocytes
-    # at >= 2; normal discocytes lie below ~1.2. 1.4 catches both (tuned).
+    # ... and that lie (nearly) free: a touching or overlapping neighbour cuts a cell's outline
+    # like a fragment's, which is why morphology is read where cells do not overlap. 0.1 keeps
+    # ~90% of occluded cells out and 60-70% of synthetic schistocytes in (tuned).
+    schistocyte_max_contact: float = 0.1
+    # Elliptocytes: long axis / short axis. ICSH separates ovalocytes (< 2) from elliptocytes
+    # (>= 2); 1.4 counts both, against <= 1.2 for ~99% of discocytes (tuned) ...
     elliptocyte_min_aspect: float = 1.4
-    # Target cells: a dense central spot (core OD / annulus OD above this, tuned) ...
-    target_min_core_ratio: float = 1.2
-    # ... inside a pale ring (annulus OD / rim OD below this, tuned).
-    target_max_ring_ratio: float = 0.8
-    # Spherocytes are small (mean ~6.0-6.5 µm against 7.5 for discocytes, tuned) ...
-    spherocyte_max_diameter_um: float = 6.7
-    # ... and have no central pallor: centre OD / rim OD near 1 (a discocyte's is ~0.5-0.7).
-    spherocyte_min_pallor_ratio: float = 0.85
-    # Microcyte: below the normal 6.2-8.2 µm diameter range (Bain): < 6 µm.
-    microcyte_max_diameter_um: float = 6.0
-    # Macrocyte: above the normal range, > 9 µm.
-    macrocyte_min_diameter_um: float = 9.0
+    # ... with an elliptical outline (ellipse_fit ~1.0; a cell cut by an overlapping neighbour is
+    # elongated too, but with a lower fit, tuned).
+    elliptocyte_min_ellipse_fit: float = 0.9
+    # Target cells: a dense central spot (core OD / annulus OD at least this; other cells
+    # <= 1.07, target cells >= 1.15, tuned) ...
+    target_min_core_ratio: float = 1.1
+    # ... inside a pale ring (annulus OD / rim OD at most this; target cells <= 0.89, others
+    # mostly >= 0.9 except hypochromic cells, which have no dense core, tuned).
+    target_max_ring_ratio: float = 0.9
+    # Spherocytes are small (~6 µm against 7.5 µm for discocytes, tuned to 7.0 because
+    # occlusion and anisocytosis spread them) ...
+    spherocyte_max_diameter_um: float = 7.0
+    # ... and have no central pallor: they are thickest in the middle, so centre OD / rim OD
+    # exceeds 1 (spherocytes >= 1.1 for 95%, discocytes <= 0.97 for 99% when free, tuned).
+    spherocyte_min_pallor_ratio: float = 1.1
     # Hypochromia: central pallor wider than half the diameter, i.e. more than a quarter of the
-    # cell's area is pale.
-    hypochromic_min_pallor_fraction: float = 0.25
+    # area. The pale-pixel count misses the pallor's soft edge, so 0.2 (tuned).
+    hypochromic_min_pallor_fraction: float = 0.2
+    # Microcyte: below the normal diameter range, < 6 µm.
+    microcyte_max_diameter_um: float = 6.0
+    # Macrocyte: above the normal diameter range, > 9 µm.
+    macrocyte_min_diameter_um: float = 9.0
 
     def __post_init__(self) -> None:
         for name, value in self.to_dict().items():
@@ -88,7 +102,8 @@ class MorphologyRules:
         if not self.target_max_ring_ratio < 1:
             raise ValueError("target_max_ring_ratio must be below 1 (a paler ring)")
         for name in (
-            "schistocyte_max_circularity",
+            "schistocyte_max_ellipse_fit",
+            "schistocyte_max_contact",
             "schistocyte_max_solidity",
             "hypochromic_min_pallor_fraction",
         ):
@@ -103,13 +118,14 @@ class MorphologyRules:
 # Measure columns the rules read.
 RULE_COLUMNS: tuple[str, ...] = (
     "diameter_um",
-    "circularity",
+    "ellipse_fit",
     "solidity",
     "aspect_ratio",
     "pallor_ratio",
     "pallor_area_fraction",
     "ring_ratio",
     "core_ratio",
+    "contact_fraction",
 )
 
 
@@ -122,18 +138,19 @@ def classify_rules(
     names), each (n,). A decision list; the first rule that holds wins:
 
     1. other        diameter below min_cell_diameter_um, or diameter undefined
-    2. schistocyte  small (diameter <= schistocyte_max_diameter_um) and irregular (circularity
+    2. schistocyte  small (diameter <= schistocyte_max_diameter_um) and irregular (ellipse_fit
                     or solidity below its threshold): a fragment, whatever its pallor
-    3. elliptocyte  aspect_ratio >= elliptocyte_min_aspect: shape before staining
+    3. elliptocyte  aspect_ratio >= elliptocyte_min_aspect and an elliptical outline
+                    (ellipse_fit): shape before staining
     4. target       dense core inside a pale ring (core_ratio, ring_ratio): before spherocyte,
                     whose "no pallor" test a target's dense centre would also pass
     5. spherocyte   small and no central pallor (pallor_ratio >= spherocyte_min_pallor_ratio)
-    6. microcyte    diameter < microcyte_max_diameter_um (with pallor, else rule 5 took it)
-    7. macrocyte    diameter > macrocyte_min_diameter_um
-    8. hypochromic  pallor_area_fraction > hypochromic_min_pallor_fraction
+    6. hypochromic  pallor_area_fraction > hypochromic_min_pallor_fraction
+    7. microcyte    diameter < microcyte_max_diameter_um (with a normal pallor)
+    8. macrocyte    diameter > macrocyte_min_diameter_um
     9. normal       none of the above
 
-    Size comes before hypochromia, so a hypochromic microcyte is called "microcyte". NaN inputs
+    Pallor comes before size, so a hypochromic microcyte is called "hypochromic". NaN inputs
     make the rule that reads them not hold.
     """
     missing = [c for c in RULE_COLUMNS if c not in columns]
@@ -142,14 +159,20 @@ def classify_rules(
     col = {c: np.asarray(columns[c], dtype=np.float64) for c in RULE_COLUMNS}
     n = col["diameter_um"].shape[0]
     d = col["diameter_um"]
-    small_fragment = d <= rules.schistocyte_max_diameter_um
-    irregular = (col["circularity"] < rules.schistocyte_max_circularity) | (
+    small_fragment = (d <= rules.schistocyte_max_diameter_um) & (
+        col["contact_fraction"] <= rules.schistocyte_max_contact
+    )
+    irregular = (col["ellipse_fit"] < rules.schistocyte_max_ellipse_fit) | (
         col["solidity"] < rules.schistocyte_max_solidity
     )
     decisions = [
         ("other", ~(d >= rules.min_cell_diameter_um)),
         ("schistocyte", small_fragment & irregular),
-        ("elliptocyte", col["aspect_ratio"] >= rules.elliptocyte_min_aspect),
+        (
+            "elliptocyte",
+            (col["aspect_ratio"] >= rules.elliptocyte_min_aspect)
+            & (col["ellipse_fit"] >= rules.elliptocyte_min_ellipse_fit),
+        ),
         (
             "target",
             (col["core_ratio"] >= rules.target_min_core_ratio)
@@ -160,9 +183,9 @@ def classify_rules(
             (d <= rules.spherocyte_max_diameter_um)
             & (col["pallor_ratio"] >= rules.spherocyte_min_pallor_ratio),
         ),
+        ("hypochromic", col["pallor_area_fraction"] > rules.hypochromic_min_pallor_fraction),
         ("microcyte", d < rules.microcyte_max_diameter_um),
         ("macrocyte", d > rules.macrocyte_min_diameter_um),
-        ("hypochromic", col["pallor_area_fraction"] > rules.hypochromic_min_pallor_fraction),
     ]
     out = np.full(n, "normal", dtype=object)
     undecided = np.ones(n, dtype=bool)

@@ -247,6 +247,62 @@ def demo(
         raise typer.Exit(1)
 
 
+def _default_data_dir() -> Path:
+    return Path(
+        os.environ.get(
+            "RBCBATCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"
+        )
+    )
+
+
+@app.command()
+def evaluate(
+    segmenter: str = typer.Option("classical", help="Segmenter to score."),
+    data: Path = typer.Option(
+        None, help="Folder holding anerbc_sample/ (default: ../shared/data beside the repository)."
+    ),
+    synthetic_images: int = typer.Option(24, help="Synthetic fields to score (held-out seed)."),
+) -> None:
+    """Score segmentation on synthetic truth (count, instance F1) and on real AneRBC masks (Dice)."""
+    import pyarrow as pa
+
+    from rbcbatch.evaluate import (
+        ANERBC_HELD_OUT,
+        ANERBC_TUNED,
+        ANERBC_UM_PER_PX,
+        default_models,
+        evaluate_anerbc,
+        evaluate_synthetic,
+        mean_row,
+    )
+
+    models = default_models(segmenter)
+    rows = evaluate_synthetic(models, synthetic_images)
+    pooled_true = sum(r["true_rbc"] for r in rows)
+    pooled_found = sum(r["found_rbc"] for r in rows)
+    summary = mean_row(rows, "mean")
+    summary["mean_abs_count_error_pct"] = float(
+        sum(abs(r["count_error_pct"]) for r in rows) / len(rows)
+    )
+    summary["pooled_count_error_pct"] = 100.0 * (pooled_found - pooled_true) / pooled_true
+    _print_table(
+        pa.Table.from_pylist(rows + [summary]),
+        f"{segmenter}: synthetic fields, RBC instances at IoU >= 0.5",
+    )
+    data = data or _default_data_dir()
+    if not (data / "anerbc_sample").is_dir():
+        console.print(
+            f"[yellow]AneRBC sample not found under {data}; skipping the real-image scores[/yellow]"
+        )
+        return
+    for title, ids in (("held out", ANERBC_HELD_OUT), ("used for tuning", ANERBC_TUNED)):
+        scored = evaluate_anerbc(models, data, ids)
+        _print_table(
+            pa.Table.from_pylist(scored + [mean_row(scored, "mean")]),
+            f"{segmenter}: AneRBC-I foreground vs given masks, {title} (assumed {ANERBC_UM_PER_PX} µm/px)",
+        )
+
+
 @app.command()
 def schemas(
     write: bool = typer.Option(

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage as ndi
+from scipy.special import ellipe
 from skimage.measure import regionprops_table
 from skimage.segmentation import relabel_sequential
 
@@ -39,6 +40,7 @@ CELL_MEASURES: dict[str, pa.DataType] = {
     "diameter_um": pa.float32(),
     "perimeter_um": pa.float32(),
     "circularity": pa.float32(),
+    "ellipse_fit": pa.float32(),
     "eccentricity": pa.float32(),
     "solidity": pa.float32(),
     "major_axis_um": pa.float32(),
@@ -52,6 +54,7 @@ CELL_MEASURES: dict[str, pa.DataType] = {
     "pallor_area_fraction": pa.float32(),
     "ring_ratio": pa.float32(),
     "core_ratio": pa.float32(),
+    "contact_fraction": pa.float32(),
     "touches_edge": pa.bool_(),
 }
 
@@ -70,12 +73,14 @@ CORE_MIN = 0.80
 # A pixel is pale when its OD is below this fraction of the cell's rim OD: a normal cell's pallor
 # reaches ~0.5-0.6 of the rim only at its very centre, a hypochromic cell's ~0.3-0.5 over half its
 # diameter.
-PALE_FRACTION = 0.6
+PALE_FRACTION = 0.75
 
 # Transmitted intensities are floored at 1 (of 255) before taking the log, so OD stays finite.
 _MIN_INTENSITY = 1.0
 # Background colour is estimated on every _BACKGROUND_STEP-th row and column.
 _BACKGROUND_STEP = 2
+# 4-connectivity for the ring of pixels around a cell.
+_CROSS = ndi.generate_binary_structure(2, 1)
 # Labels are relabelled to 1..n before regionprops when their largest id exceeds this many times
 # the pixel count: regionprops allocates per id up to the largest one.
 _SPARSE_FACTOR = 4
@@ -132,6 +137,17 @@ def optical_density(image: np.ndarray, background_rgb: np.ndarray) -> np.ndarray
     return od.astype(np.float32)
 
 
+def ellipse_circularity(aspect_ratio: np.ndarray) -> np.ndarray:
+    """Circularity 4*pi*A/P**2 of an exact ellipse with the given major/minor ratio, float64 (n,).
+
+    With semi-axes q and 1: A = pi*q and P = 4*q*E(1 - 1/q**2) (complete elliptic integral of
+    the second kind), so circularity = pi**2 / (4*q*E**2): 1 for a circle, 0.84 at q = 2.
+    """
+    q = np.asarray(aspect_ratio, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.pi**2 / (4 * q * ellipe(1 - 1 / q**2) ** 2)
+
+
 def pallor_measures(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, float, float]:
     """Central-pallor measures of one cell: (pallor_ratio, pallor_area_fraction, ring_ratio,
     core_ratio).
@@ -158,6 +174,23 @@ def pallor_measures(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, flo
     pale = np.count_nonzero((values < PALE_FRACTION * rim_od) & (norm >= RIM_MIN))
     pale_fraction = pale / values.size if np.isfinite(rim_od) else np.nan
     return pallor_ratio, pale_fraction, ring_ratio, core_ratio
+
+
+def contact_fraction(labels: np.ndarray, bbox: tuple[int, int, int, int], cell_id: int) -> float:
+    """Fraction of the pixels bordering a cell (4-connected, inside the region) that belong to
+    another cell, float in [0, 1].
+
+    labels: (H, W) the region's labels; bbox: (y0, x0, y1, x1) of the cell, half-open. 0 for a
+    free-lying cell; > 0 where it touches or overlaps a neighbour, whose outline then cuts its
+    own (morphology is read on free-lying cells, ICSH 2015).
+    """
+    y0, x0, y1, x1 = bbox
+    ya, xa = max(y0 - 1, 0), max(x0 - 1, 0)
+    window = labels[ya : y1 + 1, xa : x1 + 1]
+    mask = window == cell_id
+    ring = ndi.binary_dilation(mask, structure=_CROSS) & ~mask
+    n = np.count_nonzero(ring)
+    return np.count_nonzero(window[ring]) / n if n else 0.0
 
 
 def _zone_mean(values: np.ndarray, zone: np.ndarray) -> float:
@@ -224,6 +257,7 @@ def measure_cells(
     means = np.empty((n, 4), dtype=np.float64)
     solidity = np.empty(n, dtype=np.float64)
     pallor = np.empty((n, 4), dtype=np.float64)
+    contact = np.empty(n, dtype=np.float64)
     for i in range(n):
         sl = (slice(t["bbox-0"][i], t["bbox-2"][i]), slice(t["bbox-1"][i], t["bbox-3"][i]))
         mask = t["image"][i]
@@ -232,6 +266,8 @@ def measure_cells(
         means[i, 3] = cell_od[mask].mean()
         pallor[i] = pallor_measures(mask, cell_od)
         solidity[i] = solidity_of(mask)
+        bbox = (t["bbox-0"][i], t["bbox-1"][i], t["bbox-2"][i], t["bbox-3"][i])
+        contact[i] = contact_fraction(labels, bbox, t["label"][i])
 
     ids = t["label"] if ids_of is None else ids_of[t["label"]]
     oy, ox = origin_yx
@@ -255,6 +291,7 @@ def measure_cells(
         "diameter_um": np.sqrt(4 * area_px / np.pi) * um_per_px,
         "perimeter_um": perimeter_px * um_per_px,
         "circularity": circularity,
+        "ellipse_fit": circularity / ellipse_circularity(aspect),
         "eccentricity": t["eccentricity"],
         "solidity": solidity,
         "major_axis_um": major_px * um_per_px,
@@ -268,6 +305,7 @@ def measure_cells(
         "pallor_area_fraction": pallor[:, 1],
         "ring_ratio": pallor[:, 2],
         "core_ratio": pallor[:, 3],
+        "contact_fraction": contact,
         "touches_edge": (t["bbox-0"] == 0)
         | (t["bbox-1"] == 0)
         | (t["bbox-2"] == height)

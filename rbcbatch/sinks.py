@@ -32,8 +32,9 @@ from rbcbatch.measure import CELL_MEASURES
 
 # Chunk edge of mask arrays: 512² uint32 = 1 MiB raw, a few KiB compressed.
 MASK_CHUNK = 512
-# Pyramid levels stop once the longest side fits in one chunk.
+# Pyramid levels halve until the longest side is at most PYRAMID_MIN_SIDE (a thumbnail).
 MAX_PYRAMID_LEVELS = 8
+PYRAMID_MIN_SIDE = 256
 
 PROVENANCE_FIELDS: dict[str, pa.DataType] = {
     "run_id": pa.string(),
@@ -208,7 +209,7 @@ class RunStore:
                     "coordinateTransformations": [{"type": "scale", "scale": [scale, scale]}],
                 }
             )
-            if max(level.shape) <= MASK_CHUNK:
+            if max(level.shape) <= PYRAMID_MIN_SIDE:
                 break
             level, scale = level[::2, ::2], scale * 2
         group.attrs.update(

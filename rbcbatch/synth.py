@@ -39,7 +39,8 @@ __all__ = [
 # Acquisition sites. OD vectors are per unit of relative thickness (a normal discocyte rim = 1);
 # values were chosen so that RBCs, nuclei and background look like Wright- resp. Giemsa-stained
 # smears; site_b's RBC OD and background are close to those measured on the AneRBC-I images
-# (RBC OD about (0.21, 0.25, 0.10) on a grey-lavender background).
+# (RBC OD about (0.21, 0.25, 0.10) on a grey-lavender background, magenta nuclei with OD about
+# (0.6, 2.4, 0.25)).
 SITES: dict[str, dict[str, Any]] = {
     "site_a": {
         "um_per_px": 0.25,
@@ -49,7 +50,7 @@ SITES: dict[str, dict[str, Any]] = {
         "rbc_od": (0.16, 0.40, 0.27),
         "nucleus_od": (0.95, 1.35, 0.45),
         "cytoplasm_od": (0.10, 0.17, 0.10),
-        "platelet_od": (0.45, 0.80, 0.30),
+        "platelet_od": (0.55, 0.95, 0.25),
         "vignetting": (0.02, 0.10),  # fractional darkening at the corners
         "noise_sd": (1.0, 2.5),  # grey levels
         "blur_sigma_px": (0.5, 1.2),
@@ -62,9 +63,9 @@ SITES: dict[str, dict[str, Any]] = {
         "stain": "giemsa",
         "background_rgb": (212.0, 214.0, 226.0),
         "rbc_od": (0.26, 0.31, 0.12),
-        "nucleus_od": (1.05, 1.30, 0.38),
+        "nucleus_od": (0.65, 1.85, 0.30),
         "cytoplasm_od": (0.14, 0.15, 0.07),
-        "platelet_od": (0.55, 0.80, 0.25),
+        "platelet_od": (0.35, 0.95, 0.20),
         "vignetting": (0.04, 0.12),
         "noise_sd": (1.5, 3.0),
         "blur_sigma_px": (0.6, 1.2),
@@ -217,7 +218,7 @@ SITE_ORDER: tuple[str, ...] = ("site_a", "site_b")
 RBC_COVERAGE = (0.30, 0.40)
 PLACEMENT_MODES = {"separate": 0.70, "touching": 0.18, "overlapping": 0.12}
 TOUCH_DEPTH = (0.0, 0.05)  # fraction of the summed radii by which touching cells interpenetrate
-OVERLAP_DEPTH = (0.05, 0.25)
+OVERLAP_DEPTH = (0.05, 0.18)
 MIN_VISIBLE = 0.75  # every object keeps at least this fraction of its area unoccluded
 SEPARATE_GAP_PX = 1.5  # free cells keep at least this many pixels of background between them
 TRIES_PER_CELL = 20

@@ -1,0 +1,95 @@
+"""Scores of the segmenters against truth: synthetic instance truth and real AneRBC masks.
+
+Everything goes through `pipeline.segment_slide`, the same path a run takes (resampling to
+the working resolution, tiling with a halo, stitching), so the figures describe the pipeline,
+not a segmenter on hand-picked crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rbcbatch.metrics import foreground_scores, match_instances
+from rbcbatch.pipeline import Models, RunConfig, segment_slide
+from rbcbatch.sources import read_slide
+from rbcbatch.synth import SITES, render_field
+
+# AneRBC states no pixel size. Its red cells are ~29 px across (median component area
+# ~680 px², DATASET.md), and a red cell is ~7.5 µm: about 0.26 µm/px.
+ANERBC_UM_PER_PX = 0.26
+# AneRBC-I images held out from all tuning; 001-003 of each group were used to tune.
+ANERBC_HELD_OUT = ("004", "005", "006")
+ANERBC_TUNED = ("001", "002", "003")
+# Seed of the synthetic evaluation fields; tuning used other seeds.
+SYNTH_EVAL_SEED = 20261123
+
+
+def evaluate_synthetic(
+    models: Models,
+    n_images: int = 24,
+    seed: int = SYNTH_EVAL_SEED,
+    height: int = 600,
+    width: int = 800,
+) -> list[dict]:
+    """Per image: RBC count error and instance F1 at IoU 0.5 against the generator's truth."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    conditions, sites = ("normal", "hs", "ida"), tuple(SITES)
+    for i in range(n_images):
+        condition, site = conditions[i % 3], sites[(i // 3) % len(sites)]
+        field = render_field(rng, condition, site, height, width)
+        um = SITES[site]["um_per_px"]
+        labels, kinds, _ = segment_slide(field.image, um, models)
+        true_rbc = [c["cell_id"] for c in field.cells if c["kind"] == "rbc"]
+        pred_rbc = [i for i, k in kinds.items() if k == 1 and i in set(np.unique(labels))]
+        scores = match_instances(labels, field.labels, 0.5, true_ids=true_rbc, pred_ids=pred_rbc)
+        rows.append(
+            {
+                "image": i,
+                "condition": condition,
+                "site": site,
+                "true_rbc": len(true_rbc),
+                "found_rbc": len(pred_rbc),
+                "count_error_pct": 100.0 * (len(pred_rbc) - len(true_rbc)) / max(1, len(true_rbc)),
+                **{k: scores[k] for k in ("precision", "recall", "f1", "mean_iou")},
+            }
+        )
+    return rows
+
+
+def anerbc_pairs(data_dir: Path, ids: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) for the AneRBC-I images with these numbers, both groups."""
+    base = data_dir / "anerbc_sample" / "AneRBC-I"
+    pairs = []
+    for group, suffix in (("Anemic_individuals", "a"), ("Healthy_individuals", "h")):
+        for number in ids:
+            name = f"{number}_{suffix}.png"
+            image = base / group / "Original_images" / name
+            if image.exists():
+                pairs.append((name, image, base / group / "Binary_segmented" / name))
+    return pairs
+
+
+def evaluate_anerbc(
+    models: Models, data_dir: Path, ids: tuple[str, ...], um_per_px: float = ANERBC_UM_PER_PX
+) -> list[dict]:
+    """Per image: foreground Dice/IoU/precision/recall/specificity against AneRBC's masks."""
+    rows = []
+    for name, image_path, mask_path in anerbc_pairs(data_dir, ids):
+        image = read_slide(name, str(image_path))
+        labels, _, _ = segment_slide(image, um_per_px, models)
+        truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) < 128
+        rows.append({"image": name, **foreground_scores(labels > 0, truth)})
+    return rows
+
+
+def mean_row(rows: list[dict], label: str) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    return {"image": label, **{k: float(np.nanmean([r[k] for r in rows])) for k in keys}}
+
+
+def default_models(segmenter: str = "classical") -> Models:
+    return Models(RunConfig(segmenter=segmenter))

@@ -50,9 +50,9 @@ class MorphologyRules:
     # Schistocytes are fragments smaller than a red cell (3-6 µm) ...
     schistocyte_max_diameter_um: float = 6.0
     # ... whose outline is not an ellipse: straight cuts and corners lower the circularity below
-    # that of an ellipse of the same aspect ratio (ellipse_fit: a half disk 0.86; fully visible
-    # intact cells >= 0.95, tuned) ...
-    schistocyte_max_ellipse_fit: float = 0.93
+    # that of an ellipse of the same aspect ratio (ellipse_fit: a digitised half disk 0.93, a
+    # disk with a bite 0.76; 99% of fully visible intact cells >= 0.95, tuned) ...
+    schistocyte_max_ellipse_fit: float = 0.94
     # ... or has a bite out of it (helmet cells): a round cell's solidity is ~0.97.
     schistocyte_max_solidity: float = 0.9
     # ... and that lie (nearly) free: a touching or overlapping neighbour cuts a cell's outline
@@ -87,7 +87,9 @@ class MorphologyRules:
 
     def __post_init__(self) -> None:
         for name, value in self.to_dict().items():
-            if not (math.isfinite(value) and value > 0):
+            # A contact of 0 is meaningful: schistocytes only among strictly free-lying cells.
+            floor_ok = value >= 0 if name == "schistocyte_max_contact" else value > 0
+            if not (math.isfinite(value) and floor_ok):
                 raise ValueError(f"MorphologyRules.{name} must be a positive number, got {value}")
         if not self.min_cell_diameter_um < self.schistocyte_max_diameter_um:
             raise ValueError("min_cell_diameter_um must be below schistocyte_max_diameter_um")
@@ -138,8 +140,9 @@ def classify_rules(
     names), each (n,). A decision list; the first rule that holds wins:
 
     1. other        diameter below min_cell_diameter_um, or diameter undefined
-    2. schistocyte  small (diameter <= schistocyte_max_diameter_um) and irregular (ellipse_fit
-                    or solidity below its threshold): a fragment, whatever its pallor
+    2. schistocyte  small (diameter <= schistocyte_max_diameter_um), irregular (ellipse_fit
+                    or solidity below its threshold) and (nearly) free-lying (contact_fraction
+                    <= schistocyte_max_contact): a fragment, whatever its pallor
     3. elliptocyte  aspect_ratio >= elliptocyte_min_aspect and an elliptical outline
                     (ellipse_fit): shape before staining
     4. target       dense core inside a pale ring (core_ratio, ring_ratio): before spherocyte,
@@ -151,7 +154,8 @@ def classify_rules(
     9. normal       none of the above
 
     Pallor comes before size, so a hypochromic microcyte is called "hypochromic". NaN inputs
-    make the rule that reads them not hold.
+    make the rule that reads them not hold. "other" is only given to objects too small to read;
+    crenated and other poikilocytes are not recognised and fall to the rule their measures meet.
     """
     missing = [c for c in RULE_COLUMNS if c not in columns]
     if missing:

@@ -20,7 +20,8 @@ app = typer.Typer(
     help="Screen blood-smear archives for anemia and hereditary spherocytosis, cell by cell.",
 )
 console = Console(stderr=True)
-out_console = Console()
+# Tables are wide; when piped (no terminal to measure), print them at a width that fits them.
+out_console = Console() if sys.stdout.isatty() else Console(width=220)
 
 
 def _fail(message: str, code: int = 2) -> None:

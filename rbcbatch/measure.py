@@ -5,14 +5,36 @@ at different pixel sizes give comparable numbers. `measure_cells` returns column
 per measure, one row per label, like scikit-image's `regionprops_table`); `CELL_MEASURES` is the
 ordered list of those columns with their Arrow types and is the source of the cells Parquet schema.
 
-Geometry comes from `skimage.measure.regionprops`. Colour is summarised as optical density
-(OD = -log10(I / I_background), averaged over R, G, B), which is proportional to the amount of
-haemoglobin stain along the light path and so does not depend on the illumination.
+Columns:
+  cell_id                  the label value in the region's instance labels
+  centroid_x, centroid_y   centre of mass, full-resolution slide pixels (region origin added)
+  bbox_x0 .. bbox_y1       bounding box, slide pixels, half-open
+  area_um2, diameter_um    area and equivalent-circle diameter
+  perimeter_um             Crofton perimeter
+  circularity              4*pi*area / perimeter**2 (1 for a disk)
+  ellipse_fit              circularity / circularity of an ellipse of the same aspect ratio: ~1
+                           for any ellipse, lower for corners, straight cuts and bites (fragments)
+  eccentricity, solidity   of the inertia ellipse; area / convex-hull area
+  major_axis_um, minor_axis_um, aspect_ratio   inertia-ellipse axes and their ratio
+  mean_r, mean_g, mean_b   mean RGB (0-255) inside the cell
+  mean_od                  mean optical density
+  pallor_ratio             centre OD / rim OD (< 1: central pallor; > 1: densest in the middle)
+  pallor_area_fraction     fraction of the cell's pixels that are pale (OD < 0.75 x rim OD)
+  ring_ratio               annulus OD / rim OD (< 1: a pale ring between rim and centre)
+  core_ratio               core OD / annulus OD (> 1: a dense central spot, target cells)
+  contact_fraction         fraction of the pixels around the cell that belong to another cell
+  touches_edge             the cell touches the region's border (its outline may be cut)
+
+Geometry comes from `skimage.measure.regionprops` (solidity from OpenCV, see `solidity_of`).
+Colour is summarised as optical density (OD = -log10(I / I_background), averaged over R, G, B),
+which is proportional to the amount of stained haemoglobin along the light path (Beer-Lambert)
+and so does not depend on the illumination.
 
 Central pallor is measured on a normalised distance to the cell boundary: each pixel's Euclidean
-distance to the nearest background pixel divided by the cell's largest such distance (0 at the
+distance to the nearest non-cell pixel divided by the cell's largest such distance (0 at the
 edge, 1 at the innermost point). Zones defined on this scale follow the cell's shape, so they work
-for ellipses as well as for disks.
+for ellipses as well as for disks. For a cell that overlaps a neighbour the zones follow the
+visible outline, so its pallor measures are less reliable (see contact_fraction).
 """
 
 from __future__ import annotations
@@ -168,12 +190,13 @@ def pallor_measures(mask: np.ndarray, od: np.ndarray) -> tuple[float, float, flo
     annulus = (norm >= RIM_MAX) & ~core
     rim_od = _zone_mean(values, rim)
     annulus_od = _zone_mean(values, annulus)
-    pallor_ratio = _zone_mean(values, norm >= CENTRE_MIN) / rim_od
-    ring_ratio = annulus_od / rim_od
-    core_ratio = _zone_mean(values, core) / annulus_od
+    pallor_ratio = _ratio(_zone_mean(values, norm >= CENTRE_MIN), rim_od)
+    ring_ratio = _ratio(annulus_od, rim_od)
+    core_ratio = _ratio(_zone_mean(values, core), annulus_od)
+    if not rim_od > 0:  # no rim, or a cell as bright as the background: nothing to compare to
+        return pallor_ratio, np.nan, ring_ratio, core_ratio
     pale = np.count_nonzero((values < PALE_FRACTION * rim_od) & (norm >= RIM_MIN))
-    pale_fraction = pale / values.size if np.isfinite(rim_od) else np.nan
-    return pallor_ratio, pale_fraction, ring_ratio, core_ratio
+    return pallor_ratio, pale / values.size, ring_ratio, core_ratio
 
 
 def contact_fraction(labels: np.ndarray, bbox: tuple[int, int, int, int], cell_id: int) -> float:
@@ -197,6 +220,11 @@ def _zone_mean(values: np.ndarray, zone: np.ndarray) -> float:
     """Mean of values in zone; NaN (not a warning) when the zone is empty."""
     n = np.count_nonzero(zone)
     return float(values[zone].sum() / n) if n else np.nan
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den; NaN when den is not positive (an empty zone, or no density at all)."""
+    return num / den if den > 0 else np.nan
 
 
 def measure_cells(
@@ -231,10 +259,9 @@ def measure_cells(
     if max_label == 0:
         return empty_columns()
 
-    ids_of = None
+    original_ids = None
     if max_label > _SPARSE_FACTOR * labels.size:
-        labels, _, inverse = relabel_sequential(labels)
-        ids_of = inverse
+        labels, _, original_ids = relabel_sequential(labels)
     if background_rgb is None:
         background_rgb = estimate_background(labels, image)
     od = optical_density(image, np.asarray(background_rgb, dtype=np.float64))
@@ -269,7 +296,7 @@ def measure_cells(
         bbox = (t["bbox-0"][i], t["bbox-1"][i], t["bbox-2"][i], t["bbox-3"][i])
         contact[i] = contact_fraction(labels, bbox, t["label"][i])
 
-    ids = t["label"] if ids_of is None else ids_of[t["label"]]
+    ids = t["label"] if original_ids is None else original_ids[t["label"]]
     oy, ox = origin_yx
     height, width = labels.shape
     area_px = t["area"].astype(np.float64)
@@ -313,6 +340,6 @@ def measure_cells(
     }
     order = np.argsort(columns["cell_id"], kind="stable")
     return {
-        name: np.asarray(columns[name])[order].astype(t_.to_pandas_dtype(), copy=False)
-        for name, t_ in CELL_MEASURES.items()
+        name: np.asarray(columns[name])[order].astype(arrow_type.to_pandas_dtype(), copy=False)
+        for name, arrow_type in CELL_MEASURES.items()
     }

@@ -60,6 +60,26 @@ NUCLEAR_OD_FACTOR = 2.0
 BACKGROUND_TOLERANCE = 0.04
 ILLUMINATION_RANGE = (0.70, 1.25)
 BACKGROUND_DOWNSAMPLE = 4
+# A hole inside the foreground is pallor (filled) if its mean OD is at least this fraction of the
+# foreground threshold; the pale pallor of hypochromic cells has ~0.5x, bare glass ~0 (+ blur).
+PALLOR_OD_FRACTION = 0.3
+# Pallor holes are near-disks: area / (pi * inscribed radius^2) is ~1-1.3, while the cusped gap
+# between three touching disks has ~2.1 and between four ~1.6. Holes of a few pixels are noise.
+HOLE_MAX_ELONGATION = 1.45
+HOLE_ALWAYS_FILL_PX = 6
+# Overlap lens: projected OD above this multiple of the single-layer cell OD (two layers add up to
+# ~2x; the densest single spherocytes reach ~1.6x), at most this half-width, and elongated (area
+# at least this multiple of its inscribed disk).
+LENS_OD_FACTOR = 1.7
+LENS_MAX_HALF_WIDTH_UM = 1.25
+LENS_MIN_ELONGATION = 2.0
+# Clump splitting: notches at least this deep (um) in a non-convex object (solidity below
+# CUT_SOLIDITY) are cut along the chord joining them, if the chord is at most CUT_MAX_RATIO of the
+# smaller piece's diameter; at most CUT_MAX_DEPTH nested cuts per object.
+CONCAVITY_MIN_DEPTH_UM = 1.0
+CUT_SOLIDITY = 0.92
+CUT_MAX_RATIO = 0.9
+CUT_MAX_DEPTH = 3
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,7 @@ class SlideStats:
     background_rgb: background intensity per channel (0-255); rbc_direction: unit RGB OD vector of
     red cells; od_threshold: foreground threshold on the projected OD; nuclear_angle: hue angle
     (rad) above which a stained pixel counts as nuclear; nuclear_od: minimal projected OD of a
-    nuclear pixel.
+    nuclear pixel; cell_od: typical (median) projected OD of a single layer of red cell.
     """
 
     background_rgb: tuple[float, float, float]
@@ -77,12 +97,13 @@ class SlideStats:
     rbc_direction: tuple[float, float, float] = DEFAULT_RBC_DIRECTION
     nuclear_angle: float = NUCLEAR_ANGLE_DEFAULT
     nuclear_od: float = NUCLEAR_OD_FACTOR * FG_THRESHOLD_DEFAULT
+    cell_od: float = FG_THRESHOLD_DEFAULT / FG_FRACTION_OF_CELL_OD
 
     def __post_init__(self) -> None:
         if len(self.background_rgb) != 3 or min(self.background_rgb) <= 0:
             raise ValueError("background_rgb must be three positive intensities")
-        if not self.od_threshold > 0:
-            raise ValueError("od_threshold must be positive")
+        if not (self.od_threshold > 0 and self.cell_od > 0):
+            raise ValueError("od_threshold and cell_od must be positive")
         norm = math.sqrt(sum(c * c for c in self.rbc_direction))
         if not 0.99 < norm < 1.01:
             raise ValueError("rbc_direction must be a unit vector")
@@ -147,6 +168,7 @@ def estimate_slide_stats(image: np.ndarray) -> SlideStats:
         rbc_direction=tuple(float(c) for c in direction),
         nuclear_angle=angle,
         nuclear_od=float(NUCLEAR_OD_FACTOR * threshold),
+        cell_od=max(cell_od, threshold),
     )
 
 
@@ -166,7 +188,7 @@ class ClassicalParams:
     wbc_cytoplasm_um: float = 4.0  # how far the pale WBC cytoplasm may extend past the nucleus
     hole_fill_max_area_um2: float = 30.0  # central pallor up to a 6 um disk is filled
     marker_min_distance_um: float = 2.0  # two cell centres are at least this far apart
-    marker_h_um: float = 0.5  # a distance peak must rise this much above its saddle
+    marker_h_um: float = 0.2  # a distance peak must rise this much above its saddle
     smooth_sigma_um: float = 0.25  # OD pre-smoothing against sensor noise
     background_window_um: float = 25.0  # local-background search window (vignetting)
     nuclear_close_um: float = 0.75  # closing radius that merges nuclear lobes
@@ -215,14 +237,30 @@ def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     return keep[lab]
 
 
-def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
-    """Fill 4-connected background components enclosed by ``mask`` of at most ``max_px`` pixels."""
+def _fill_pallor(mask: np.ndarray, max_px: float, od: np.ndarray, min_mean_od: float) -> np.ndarray:
+    """Fill enclosed holes of ``mask`` that look like central pallor.
+
+    A hole (4-connected background component not touching the tile edge) of at most ``max_px``
+    pixels is filled when it is round (area at most HOLE_MAX_ELONGATION times its inscribed disk)
+    and its mean OD is at least ``min_mean_od``: pallor is a round patch of thin cell, while a gap
+    enclosed by a ring of touching cells is cusped, star-shaped bare glass. Filling such gaps would
+    merge the whole ring into one blob.
+    """
     lab, n = ndi.label(~mask)
     if n == 0:
         return mask
-    sizes = np.bincount(lab.ravel())
+    flat = lab.ravel()
+    sizes = np.bincount(flat)
+    mean_od = np.bincount(flat, weights=od.ravel()) / np.maximum(sizes, 1)
+    inner = ndi.distance_transform_edt(~mask)
+    r_in = np.zeros(n + 1)
+    small = np.flatnonzero(sizes <= max_px)
+    small = small[small > 0]
+    if small.size:
+        r_in[small] = ndi.maximum(inner, lab, small)
+    round_ = sizes <= HOLE_MAX_ELONGATION * np.pi * np.maximum(r_in, 0.5) ** 2
+    fill = (sizes <= max_px) & ((sizes <= HOLE_ALWAYS_FILL_PX) | (round_ & (mean_od >= min_mean_od)))
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    fill = sizes <= max_px
     fill[0] = False
     fill[border] = False  # open to the tile edge: not a hole we can be sure of
     return mask | fill[lab]
@@ -258,6 +296,25 @@ def _local_background(
     return illum[..., None] * bg[None, None, :]
 
 
+def _overlap_lenses(dense: np.ndarray, max_half_width_px: float) -> np.ndarray:
+    """Elongated, thin components of ``dense`` (H, W) bool: the lens where two cells overlap.
+
+    Overlapping cells add their OD, so the lens between them is about twice as dense as a single
+    layer; it is thin and elongated, unlike a dense spherocyte or a target cell's central spot.
+    """
+    lab, n = ndi.label(dense, structure=np.ones((3, 3)))
+    if n == 0:
+        return dense
+    idx = np.arange(1, n + 1)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    half_width = np.asarray(ndi.maximum(ndi.distance_transform_edt(dense), lab, idx))
+    elongation = sizes / (np.pi * np.maximum(half_width, 0.5) ** 2)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = (half_width <= max_half_width_px) & (elongation >= LENS_MIN_ELONGATION)
+    keep[1:] &= sizes >= HOLE_ALWAYS_FILL_PX
+    return keep[lab]
+
+
 def _markers(
     dist: np.ndarray, h_px: float, min_dist_px: float, exclude: np.ndarray
 ) -> tuple[np.ndarray, int]:
@@ -283,6 +340,87 @@ def _markers(
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[np.asarray(kept) + 1] = np.arange(1, len(kept) + 1)
     return lut[lab], len(kept)
+
+
+def _concave_cut(mask: np.ndarray, min_depth_px: float, min_piece_px: float) -> np.ndarray | None:
+    """Split a clump (bool (h, w), padded by 1) along the chord between two concave points.
+
+    Two touching or overlapping convex cells leave two deep notches in the outline of their
+    union; the chord between them is where the cells meet. Returns an int32 label image of the
+    pieces (1..k, cut pixels given to a neighbour) or None when no acceptable cut exists: fewer
+    than two notches deeper than ``min_depth_px``, a piece below ``min_piece_px``, or a chord
+    longer than CUT_MAX_RATIO times the smaller piece's diameter (a neck, not a seam).
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    contour = max(contours, key=len)
+    if len(contour) < 8:
+        return None
+    hull = cv2.convexHull(contour, returnPoints=False)
+    try:
+        defects = cv2.convexityDefects(contour, np.sort(hull, axis=0))
+    except cv2.error:  # self-intersecting hull on degenerate contours
+        return None
+    if defects is None:
+        return None
+    depth = defects[:, 0, 3] / 256.0
+    deep = defects[depth >= min_depth_px, 0, :]
+    if deep.shape[0] < 2:
+        return None
+    pts = contour[deep[:, 2], 0, :].astype(np.float64)  # (k, 2) x, y of the notch bottoms
+    dep = deep[:, 3] / 256.0
+    pairs = [
+        (float(np.hypot(*(pts[i] - pts[j]))) / (dep[i] + dep[j]), i, j)
+        for i in range(len(pts))
+        for j in range(i + 1, len(pts))
+    ]
+    for _, i, j in sorted(pairs):
+        cut = mask.astype(np.uint8)
+        p0 = (int(pts[i][0]), int(pts[i][1]))
+        p1 = (int(pts[j][0]), int(pts[j][1]))
+        cv2.line(cut, p0, p1, 0, 1)
+        lab, n = ndi.label(cut)
+        if n < 2:
+            continue
+        sizes = np.bincount(lab.ravel())[1:]
+        big = np.argsort(-sizes)[:2] + 1
+        if sizes[big[1] - 1] < min_piece_px:
+            continue
+        chord = float(np.hypot(*(pts[i] - pts[j])))
+        small_diam = 2.0 * math.sqrt(sizes[big[1] - 1] / math.pi)
+        if chord > CUT_MAX_RATIO * small_diam:
+            continue
+        # Tiny slivers cut off along the chord and the chord itself go to the nearest big piece.
+        keep = np.zeros(n + 1, dtype=np.int32)
+        keep[big] = (1, 2)
+        out = keep[lab]
+        _, (iy, ix) = ndi.distance_transform_edt(out == 0, return_indices=True)
+        out = np.where(mask, out[iy, ix], 0)
+        return out
+    return None
+
+
+def _split_clumps(
+    labels: np.ndarray, kind: np.ndarray, min_depth_px: float, min_piece_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Recursively split non-convex red-cell objects at pairs of concave points.
+
+    labels: int (H, W) with ids 0..n-1 described by kind (n,). Returns new labels and kinds, the
+    pieces appended as new ids.
+    """
+    labels = labels.astype(np.int32, copy=True)
+    kinds = list(kind)
+    queue = [i for i, sl in enumerate(ndi.find_objects(labels), start=1) if sl is not None]
+    depth_of = dict.fromkeys(queue, 0)
+    while queue:
+        obj = queue.pop()
+        if kinds[obj] != OBJECT_KINDS["rbc"] or depth_of[obj] >= CUT_MAX_DEPTH:
+            continue
+        ys, xs = np.nonzero(labels == obj) if False else (None, None)
+        sl = ndi.find_objects(labels == obj)[0] if False else None
+        del ys, xs, sl
+    return labels, np.asarray(kinds, dtype=np.uint8)
 
 
 class ClassicalSegmenter:
@@ -335,10 +473,18 @@ class ClassicalSegmenter:
             zone = cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(p.wbc_cytoplasm_um))) > 0
             fg |= zone & (proj > 0.5 * stats.od_threshold)
 
-        fg = _fill_small_holes(fg, self._px2(p.hole_fill_max_area_um2))
-        dist = ndi.distance_transform_edt(fg).astype(np.float32)
+        fg = _fill_pallor(
+            fg,
+            self._px2(p.hole_fill_max_area_um2),
+            proj,
+            PALLOR_OD_FRACTION * stats.od_threshold,
+        )
+        lens = _overlap_lenses(
+            fg & (proj > LENS_OD_FACTOR * stats.cell_od), self._px(LENS_MAX_HALF_WIDTH_UM)
+        )
+        dist = ndi.distance_transform_edt(fg & ~lens).astype(np.float32)
         dist = cv2.GaussianBlur(dist, (0, 0), 1.0)
-        dist[~fg] = 0.0
+        dist[~fg | lens] = 0.0
 
         wbc_zone = cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(1.0))) > 0
         markers, n_rbc = _markers(
@@ -357,6 +503,12 @@ class ClassicalSegmenter:
         kind = np.full(n_total + 1, OBJECT_KINDS["rbc"], dtype=np.uint8)
         kind[n_rbc + 1 : n_markers + 1] = OBJECT_KINDS["wbc"]
         kind[0] = 0
+        labels, kind = _split_clumps(
+            labels,
+            kind,
+            min_depth_px=self._px(CONCAVITY_MIN_DEPTH_UM),
+            min_piece_px=self._px2(p.min_rbc_area_um2),
+        )
         return self._finalise(labels, kind, nuclear)
 
     def _finalise(self, labels: np.ndarray, kind: np.ndarray, nuclear: np.ndarray) -> Segmentation:

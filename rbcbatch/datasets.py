@@ -69,8 +69,8 @@ CHULA_CLASSES: tuple[str, ...] = (
     "teardrop",
     "burr",
     "schistocyte",
-    "uncategorised",
-    "hypochromia",
+    "other",  # "uncategorised" upstream
+    "hypochromic",  # "hypochromia" upstream
     "elliptocyte",
 )
 

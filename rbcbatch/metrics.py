@@ -18,9 +18,7 @@ __all__ = ["foreground_scores", "match_instances"]
 _DENSE_PAIRS_MAX = 1 << 24
 
 
-def _index_labels(
-    labels: np.ndarray, keep: Iterable[int] | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _index_labels(labels: np.ndarray, keep: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Map label values to compact indices 1..k (0 = background or filtered out).
 
     Returns (index image int64 flattened, the original ids in index order, shape (k,)).

@@ -20,7 +20,6 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from rbcbatch.classify import OBJECT_KINDS
@@ -33,53 +32,91 @@ __all__ = [
     "estimate_slide_stats",
 ]
 
+
+def _unit(v: tuple[float, float, float]) -> tuple[float, float, float]:
+    n = math.sqrt(sum(c * c for c in v))
+    return (v[0] / n, v[1] / n, v[2] / n)
+
+
+# --- Optical density and slide statistics -------------------------------------------------------
 # OD values are clipped here: a pixel 20x darker than background is opaque debris, and clipping
 # keeps such outliers (dark dust, pen marks) from dragging Otsu thresholds.
 OD_MAX = 3.0
-# RBC OD direction used when a slide shows too few cells to estimate one; the mean of the
-# Wright- and Giemsa-like red-cell colours measured on AneRBC-I and the synthetic sites.
-DEFAULT_RBC_DIRECTION = (0.53, 0.76, 0.38)
-# Foreground threshold as a fraction of the median OD of cell pixels. A cell rim has OD ~1x the
-# median and the blurred outline reaches half of that at the true edge, so 0.3-0.4 puts the mask
-# boundary on the outline while keeping pale pallor regions out of the background.
-FG_FRACTION_OF_CELL_OD = 0.35
+# RBC OD direction for slides with too few cells to estimate one: the mean of the red-cell OD
+# directions measured on AneRBC-I (0.61, 0.74, 0.29) and the Wright-like synthetic site.
+DEFAULT_RBC_DIRECTION = _unit((0.51, 0.75, 0.37))
+# Foreground threshold as a fraction of the median OD of cell pixels: half the rim contrast, i.e.
+# the half-maximum of the blurred cell edge. The AneRBC-I masks put their outline at 0.5-0.7x and
+# the synthetic truth at ~0.45x (measured edge profiles), Dice / IoU peak there.
+FG_FRACTION_OF_CELL_OD = 0.5
+# Pale objects that never reach the threshold are taken at this lower level (fraction of cell OD).
+PALE_FRACTION_OF_CELL_OD = 0.25
 # Floors of the foreground threshold: absolute, and in units of background OD noise (SD).
 FG_THRESHOLD_MIN = 0.03
 FG_THRESHOLD_NOISE_SD = 6.0
-# Default threshold for slides without enough cell pixels (about 1/3 of a typical rim OD).
+# Default threshold for slides without enough cell pixels (half of a typical cell OD of ~0.2-0.5).
 FG_THRESHOLD_DEFAULT = 0.10
 MIN_CELL_FRACTION = 0.005  # fewer candidate cell pixels than this: use the defaults
-# Nuclear stain: hue angle (rad) between a pixel's OD and the red-cell direction. Red-cell pixels
-# sit below ~0.2 rad (99th percentile on AneRBC-I and synthetic fields); nuclei at 0.35-0.6 rad.
+# Nuclear stain: hue angle (rad) between a pixel's OD and the red-cell direction. The slide's
+# threshold is twice the 90th percentile of red-cell pixel angles (0.08-0.09 rad on AneRBC-I),
+# kept within this range; nuclei sit at 0.35-0.6 rad, platelets at ~0.3-0.4.
 NUCLEAR_ANGLE_DEFAULT = 0.30
 NUCLEAR_ANGLE_RANGE = (0.22, 0.40)
 # Nuclear pixels must also be clearly stained: OD at least this multiple of the fg threshold.
 NUCLEAR_OD_FACTOR = 2.0
-# Local background: brightness is searched within this window and pixels within this relative
-# tolerance of the local maximum count as background; illumination is allowed to vary this much.
+
+# --- Background -----------------------------------------------------------------------------------
+# Local background: pixels within this relative tolerance of the local brightness maximum count as
+# background; illumination (vignetting, up to ~15 % on AneRBC-I) may vary within this range.
 BACKGROUND_TOLERANCE = 0.04
 ILLUMINATION_RANGE = (0.70, 1.25)
-BACKGROUND_DOWNSAMPLE = 4
+BACKGROUND_DOWNSAMPLE = 4  # the illumination field is smooth: estimate it at 1/4 resolution
+
+# --- Foreground clean-up ------------------------------------------------------------------------
 # A hole inside the foreground is pallor (filled) if its mean OD is at least this fraction of the
-# foreground threshold; the pale pallor of hypochromic cells has ~0.5x, bare glass ~0 (+ blur).
-PALLOR_OD_FRACTION = 0.3
-# Pallor holes are near-disks: area / (pi * inscribed radius^2) is ~1-1.3, while the cusped gap
+# foreground threshold (bare glass has ~0; pallor of pale real cells can be as low as ~0.3x) ...
+PALLOR_OD_FRACTION = 0.1
+# ... and round: area / (pi * inscribed radius^2) is ~1-1.3 for pallor, while the cusped gap
 # between three touching disks has ~2.1 and between four ~1.6. Holes of a few pixels are noise.
 HOLE_MAX_ELONGATION = 1.45
 HOLE_ALWAYS_FILL_PX = 6
+# Debris: grey-black (neutral) pixels denser than DEBRIS_OD_FACTOR x the cell OD; stain is never
+# neutral (red cells and nuclei absorb green 2-4x more than blue). Objects with more than
+# DEBRIS_MAX_FRACTION of such pixels (dust, pen marks, precipitate) are dropped.
+NEUTRAL_MIN_RATIO = 0.6  # smallest / largest channel OD above which a pixel is neutral grey
+DEBRIS_OD_FACTOR = 3.0
+DEBRIS_MAX_FRACTION = 0.3
+# Objects with at least this fraction of nuclear-stain pixels are platelets (if small enough).
+PLATELET_NUCLEAR_FRACTION = 0.3
+# WBC cytoplasm is paler than red cells: near a nucleus the threshold is lowered by this factor,
+# and red-cell markers closer than WBC_MARKER_MARGIN_UM to a nucleus are dropped.
+CYTOPLASM_FRACTION_OF_THRESHOLD = 0.5
+WBC_MARKER_MARGIN_UM = 1.0
+
+# --- Splitting touching and overlapping cells ----------------------------------------------------
 # Overlap lens: projected OD above this multiple of the single-layer cell OD (two layers add up to
 # ~2x; the densest single spherocytes reach ~1.6x), at most this half-width, and elongated (area
 # at least this multiple of its inscribed disk).
-LENS_OD_FACTOR = 1.7
+LENS_OD_FACTOR = 1.6
 LENS_MAX_HALF_WIDTH_UM = 1.25
-LENS_MIN_ELONGATION = 2.0
+LENS_MIN_ELONGATION = 1.4
+# Distance-map smoothing (px) before peak detection: removes ridge noise from ragged outlines.
+DIST_SMOOTH_PX = 1.0
+H_MAXIMA_TOLERANCE = 1e-4  # float32 rounding of distances up to a few hundred px
 # Clump splitting: notches at least this deep (um) in a non-convex object (solidity below
 # CUT_SOLIDITY) are cut along the chord joining them, if the chord is at most CUT_MAX_RATIO of the
-# smaller piece's diameter; at most CUT_MAX_DEPTH nested cuts per object.
-CONCAVITY_MIN_DEPTH_UM = 1.0
-CUT_SOLIDITY = 0.92
-CUT_MAX_RATIO = 0.9
+# smaller piece's diameter; at most CUT_MAX_DEPTH nested cuts per object. Tuned on synthetic
+# fields (seed 0); two overlapping disks have solidity 0.90-0.95 and notches >= 0.4 x radius.
+CONCAVITY_MIN_DEPTH_UM = 0.6
+CUT_SOLIDITY = 0.95
+CUT_MAX_RATIO = 1.1
 CUT_MAX_DEPTH = 3
+# An object with a single deep notch is cut only if larger than one normal cell (7.5 um -> 44 um2),
+# trying the ONE_NOTCH_TRIES shortest chords from the notch.
+ONE_NOTCH_MIN_AREA_UM2 = 45.0
+ONE_NOTCH_TRIES = 5
+# Objects above max_rbc_area_um2 are re-split with markers this much finer (height and spacing).
+RESPLIT_H_FACTOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,11 +153,34 @@ def _optical_density(image: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.clip(od, 0.0, OD_MAX)
 
 
-def _hue_angle_ok(od: np.ndarray, proj: np.ndarray, direction: np.ndarray, angle: float) -> np.ndarray:
+def _neutral(od: np.ndarray) -> np.ndarray:
+    """Boolean (H, W): grey/black absorption (all channels alike), i.e. not a stain."""
+    r, g, b = od[..., 0], od[..., 1], od[..., 2]
+    lo = np.minimum(np.minimum(r, g), b)
+    hi = np.maximum(np.maximum(r, g), b)
+    return lo >= NEUTRAL_MIN_RATIO * np.maximum(hi, 1e-6)
+
+
+def _hue_angle_ok(
+    od: np.ndarray, proj: np.ndarray, direction: np.ndarray, angle: float
+) -> np.ndarray:
     """Boolean (H, W): OD deviates from the red-cell direction by more than ``angle`` rad."""
     resid = od - proj[..., None] * direction[None, None, :]
     resid_norm = np.sqrt(np.einsum("ijk,ijk->ij", resid, resid))
     return resid_norm > math.tan(angle) * np.maximum(proj, 1e-6)
+
+
+def _background_noise(values: np.ndarray, background: np.ndarray) -> float:
+    """Robust pixel-noise SD of ``values`` (H, W) over ``background`` pixels.
+
+    Uses horizontal neighbour differences (MAD / sqrt 2), which ignore smooth illumination
+    gradients that a plain spread over the background would count as noise.
+    """
+    both = background[:, 1:] & background[:, :-1]
+    diff = (values[:, 1:] - values[:, :-1])[both]
+    if diff.size < 100:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / math.sqrt(2.0)
 
 
 def estimate_slide_stats(image: np.ndarray) -> SlideStats:
@@ -142,18 +202,17 @@ def estimate_slide_stats(image: np.ndarray) -> SlideStats:
     od = _optical_density(image, bg)
     od_sum = od.sum(axis=2)
     cand = od_sum > threshold_otsu(np.clip(od_sum, 0.0, 1.5))
-    bg_od = od_sum[~cand]
-    if cand.mean() < MIN_CELL_FRACTION:
+    if not MIN_CELL_FRACTION <= cand.mean() < 1.0:
         return SlideStats(tuple(float(c) for c in bg), FG_THRESHOLD_DEFAULT)
 
     direction = np.median(od[cand], axis=0)
     direction = direction / max(float(np.linalg.norm(direction)), 1e-6)
     proj = od @ direction
     cell_od = float(np.median(proj[cand]))
-    # Background noise of the projection, robustly (MAD) from pixels darker-than-median excluded.
-    bg_proj = proj[~cand] if bg_od.size else proj.ravel()
-    noise = 1.4826 * float(np.median(np.abs(bg_proj - np.median(bg_proj))))
-    threshold = max(FG_THRESHOLD_MIN, FG_FRACTION_OF_CELL_OD * cell_od, FG_THRESHOLD_NOISE_SD * noise)
+    noise = _background_noise(proj, ~cand)
+    threshold = max(
+        FG_THRESHOLD_MIN, FG_FRACTION_OF_CELL_OD * cell_od, FG_THRESHOLD_NOISE_SD * noise
+    )
 
     # Nuclear angle: above the spread of hue angles of clearly stained red-cell pixels.
     strong = proj > 2.0 * threshold
@@ -180,15 +239,15 @@ class ClassicalParams:
     12-16 um with nuclei >= ~15 um^2, platelets 2-3 um) and were tuned on synthetic fields.
     """
 
-    min_object_area_um2: float = 1.0  # debris below this is dropped before anything else
+    min_object_area_um2: float = 0.5  # debris below this is dropped before anything else
     min_rbc_area_um2: float = 4.0  # smallest red-cell fragment (a 2.3 um disk)
-    max_rbc_area_um2: float = 130.0  # larger non-WBC objects are re-split with finer markers
+    max_rbc_area_um2: float = 110.0  # larger red-cell objects are re-split with finer markers
     platelet_max_area_um2: float = 14.0  # purple objects up to this size are platelets
     wbc_nucleus_min_area_um2: float = 14.0  # nuclear-stain blobs from this size mark a WBC
     wbc_cytoplasm_um: float = 4.0  # how far the pale WBC cytoplasm may extend past the nucleus
     hole_fill_max_area_um2: float = 30.0  # central pallor up to a 6 um disk is filled
     marker_min_distance_um: float = 2.0  # two cell centres are at least this far apart
-    marker_h_um: float = 0.2  # a distance peak must rise this much above its saddle
+    marker_h_um: float = 0.3  # a distance peak must rise this much above its saddle
     smooth_sigma_um: float = 0.25  # OD pre-smoothing against sensor noise
     background_window_um: float = 25.0  # local-background search window (vignetting)
     nuclear_close_um: float = 0.75  # closing radius that merges nuclear lobes
@@ -252,23 +311,69 @@ def _fill_pallor(mask: np.ndarray, max_px: float, od: np.ndarray, min_mean_od: f
     flat = lab.ravel()
     sizes = np.bincount(flat)
     mean_od = np.bincount(flat, weights=od.ravel()) / np.maximum(sizes, 1)
-    inner = ndi.distance_transform_edt(~mask)
-    r_in = np.zeros(n + 1)
-    small = np.flatnonzero(sizes <= max_px)
-    small = small[small > 0]
-    if small.size:
-        r_in[small] = ndi.maximum(inner, lab, small)
+    candidate = sizes <= max_px
+    candidate[0] = False
+    in_small = candidate[lab]
+    r_in = _label_max(ndi.distance_transform_edt(in_small), lab, n, in_small)
     round_ = sizes <= HOLE_MAX_ELONGATION * np.pi * np.maximum(r_in, 0.5) ** 2
-    fill = (sizes <= max_px) & ((sizes <= HOLE_ALWAYS_FILL_PX) | (round_ & (mean_od >= min_mean_od)))
+    fill = (sizes <= max_px) & (
+        (sizes <= HOLE_ALWAYS_FILL_PX) | (round_ & (mean_od >= min_mean_od))
+    )
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
     fill[0] = False
     fill[border] = False  # open to the tile edge: not a hole we can be sure of
     return mask | fill[lab]
 
 
-def _local_background(
-    image: np.ndarray, stats: SlideStats, window_px: float
-) -> np.ndarray:
+def _fill_enclosed(labels: np.ndarray, max_px: float) -> np.ndarray:
+    """Give each background hole enclosed by a single object (up to ``max_px``) to that object.
+
+    A hole bordered by one object only is its pallor, never a gap between cells (a gap touches
+    several objects), so this is safe where the shape test of ``_fill_pallor`` is not sure.
+    """
+    holes, n = ndi.label(labels == 0)
+    if n < 2:
+        return labels
+    sizes = np.bincount(holes.ravel(), minlength=n + 1)
+    small = (sizes <= max_px) & (np.arange(n + 1) > 0)
+    small[np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])] = False
+    where = small[holes]
+    if not where.any():
+        return labels
+    kernel = np.ones((3, 3), np.uint8)
+    lab32 = labels.astype(np.float32)  # exact for ids < 2**24
+    nbr_max = cv2.dilate(lab32, kernel)
+    nbr_min = -cv2.dilate(np.where(labels > 0, -lab32, -np.float32(2**24)), kernel)
+    hi = _label_max(nbr_max, holes, n, where)
+    lo = _label_min(nbr_min, holes, n, where)
+    single = small & (hi == lo) & (hi > 0)
+    fill = single[holes]
+    out = labels.copy()
+    out[fill] = hi[holes[fill]].astype(labels.dtype)
+    return out
+
+
+def _pale_cells(proj: np.ndarray, threshold: float, low: float) -> np.ndarray:
+    """Foreground (H, W) bool: ``proj > threshold``, plus objects that never reach it.
+
+    Very pale (hypochromic, ghost) cells stay below the threshold everywhere; they are found with
+    the lower threshold ``low`` as components that contain no pixel above ``threshold``. Normal
+    cells keep the tighter outline of the main threshold.
+    """
+    fg = proj > threshold
+    if low >= threshold:
+        return fg
+    weak = proj > low
+    lab, n = ndi.label(weak, structure=np.ones((3, 3)))
+    if n == 0:
+        return fg
+    strong_count = np.bincount(lab[fg], minlength=n + 1)
+    pale = strong_count == 0
+    pale[0] = False
+    return fg | pale[lab]
+
+
+def _local_background(image: np.ndarray, stats: SlideStats, window_px: float) -> np.ndarray:
     """Background (H, W, 3) float32: slide background times a smooth per-tile illumination.
 
     Illumination is the brightness of pixels near their local maximum (i.e. background) relative
@@ -305,14 +410,44 @@ def _overlap_lenses(dense: np.ndarray, max_half_width_px: float) -> np.ndarray:
     lab, n = ndi.label(dense, structure=np.ones((3, 3)))
     if n == 0:
         return dense
-    idx = np.arange(1, n + 1)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    half_width = np.asarray(ndi.maximum(ndi.distance_transform_edt(dense), lab, idx))
+    half_width = _label_max(ndi.distance_transform_edt(dense), lab, n, dense)[1:]
     elongation = sizes / (np.pi * np.maximum(half_width, 0.5) ** 2)
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = (half_width <= max_half_width_px) & (elongation >= LENS_MIN_ELONGATION)
     keep[1:] &= sizes >= HOLE_ALWAYS_FILL_PX
     return keep[lab]
+
+
+def _label_max(values: np.ndarray, lab: np.ndarray, n: int, where: np.ndarray) -> np.ndarray:
+    """Per-label maximum of ``values`` over the pixels in ``where`` -> float64 (n + 1,)."""
+    out = np.zeros(n + 1, dtype=np.float64)
+    np.maximum.at(out, lab[where], values[where])
+    return out
+
+
+def _label_min(values: np.ndarray, lab: np.ndarray, n: int, where: np.ndarray) -> np.ndarray:
+    """Per-label minimum of ``values`` over the pixels in ``where`` -> float64 (n + 1,)."""
+    out = np.full(n + 1, np.inf)
+    np.minimum.at(out, lab[where], values[where])
+    return out
+
+
+def _h_maxima(f: np.ndarray, h: float) -> np.ndarray:
+    """Bool (H, W): tops of the maxima of ``f`` (float32) that rise at least ``h`` above a saddle.
+
+    Morphological reconstruction by dilation of ``f - h`` under ``f`` (iterated 3x3 geodesic
+    dilation, which converges in a few passes on distance maps), then ``f - rec >= h``.
+    """
+    f = np.ascontiguousarray(f, dtype=np.float32)
+    rec = f - np.float32(h)
+    kernel = np.ones((3, 3), np.uint8)
+    for _ in range(4 * max(f.shape)):
+        nxt = np.minimum(cv2.dilate(rec, kernel), f)
+        if np.array_equal(nxt, rec):
+            break
+        rec = nxt
+    return (f - rec) >= np.float32(h) - H_MAXIMA_TOLERANCE
 
 
 def _markers(
@@ -322,14 +457,16 @@ def _markers(
 
     Returns an int32 marker image (1..k) and k. Peaks on ``exclude`` (WBC nuclei) are dropped.
     """
-    peaks = h_maxima(dist, h_px) > 0
-    peaks &= ~exclude
+    peaks = _h_maxima(dist, h_px) & (dist > 0) & ~exclude
     lab, n = ndi.label(peaks, structure=np.ones((3, 3)))
     if n == 0:
         return lab.astype(np.int32), 0
-    idx = np.arange(1, n + 1)
-    cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(peaks, lab, idx), strict=True))
-    height = np.asarray(ndi.maximum(dist, lab, idx))
+    ys, xs = np.nonzero(peaks)
+    ids = lab[ys, xs]
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    cy = np.bincount(ids, weights=ys, minlength=n + 1)[1:] / count
+    cx = np.bincount(ids, weights=xs, minlength=n + 1)[1:] / count
+    height = _label_max(dist, lab, n, peaks)[1:]
     order = np.argsort(-height, kind="stable")
     kept: list[int] = []
     pts = np.stack([cy, cx], axis=1)
@@ -342,14 +479,43 @@ def _markers(
     return lut[lab], len(kept)
 
 
-def _concave_cut(mask: np.ndarray, min_depth_px: float, min_piece_px: float) -> np.ndarray | None:
-    """Split a clump (bool (h, w), padded by 1) along the chord between two concave points.
+def _try_cut(
+    mask: np.ndarray, p0: np.ndarray, p1: np.ndarray, min_piece_px: float
+) -> np.ndarray | None:
+    """Cut ``mask`` along the segment p0-p1 (x, y); pieces as int32 labels 1, 2 or None.
 
-    Two touching or overlapping convex cells leave two deep notches in the outline of their
-    union; the chord between them is where the cells meet. Returns an int32 label image of the
-    pieces (1..k, cut pixels given to a neighbour) or None when no acceptable cut exists: fewer
-    than two notches deeper than ``min_depth_px``, a piece below ``min_piece_px``, or a chord
-    longer than CUT_MAX_RATIO times the smaller piece's diameter (a neck, not a seam).
+    The cut is rejected unless it leaves two pieces of at least ``min_piece_px`` and the chord is
+    at most CUT_MAX_RATIO times the smaller piece's diameter (a seam between cells, not a cut
+    through one). Cut pixels and slivers go to the nearest of the two pieces.
+    """
+    cut = mask.astype(np.uint8)
+    cv2.line(cut, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), 0, 1)
+    lab, n = ndi.label(cut)
+    if n < 2:
+        return None
+    sizes = np.bincount(lab.ravel())[1:]
+    big = np.argsort(-sizes)[:2] + 1
+    small = sizes[big[1] - 1]
+    chord = float(np.hypot(*(p0 - p1)))
+    if small < min_piece_px or chord > CUT_MAX_RATIO * 2.0 * math.sqrt(small / math.pi):
+        return None
+    keep = np.zeros(n + 1, dtype=np.int32)
+    keep[big] = (1, 2)
+    out = keep[lab]
+    _, (iy, ix) = ndi.distance_transform_edt(out == 0, return_indices=True)
+    return np.where(mask, out[iy, ix], 0)
+
+
+def _concave_cut(
+    mask: np.ndarray, min_depth_px: float, min_piece_px: float, one_notch_min_px: float
+) -> np.ndarray | None:
+    """Split a clump (bool (h, w), padded by 1) along a seam that starts at a concave notch.
+
+    Two touching or overlapping convex cells leave two notches in the outline of their union and
+    the chord between them is where they meet. When the other end of the seam is hidden (it
+    meets a neighbour's watershed line, or the gap there was filled), an object of at least
+    ``one_notch_min_px`` (bigger than one cell) is cut along the shortest chord from its deepest
+    notch across to the far side. Returns int32 labels of the two pieces, or None.
     """
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
@@ -358,68 +524,110 @@ def _concave_cut(mask: np.ndarray, min_depth_px: float, min_piece_px: float) -> 
     if len(contour) < 8:
         return None
     hull = cv2.convexHull(contour, returnPoints=False)
+    hull_area = cv2.contourArea(contour[hull[:, 0]])
+    if hull_area <= 0 or cv2.contourArea(contour) / hull_area >= CUT_SOLIDITY:
+        return None
     try:
         defects = cv2.convexityDefects(contour, np.sort(hull, axis=0))
     except cv2.error:  # self-intersecting hull on degenerate contours
         return None
     if defects is None:
         return None
-    depth = defects[:, 0, 3] / 256.0
-    deep = defects[depth >= min_depth_px, 0, :]
-    if deep.shape[0] < 2:
+    defects = defects.reshape(-1, 4)  # start, end, farthest point (contour indices), depth * 256
+    deep = defects[defects[:, 3] / 256.0 >= min_depth_px]
+    if deep.shape[0] == 0:
         return None
     pts = contour[deep[:, 2], 0, :].astype(np.float64)  # (k, 2) x, y of the notch bottoms
     dep = deep[:, 3] / 256.0
-    pairs = [
+    pairs = sorted(
         (float(np.hypot(*(pts[i] - pts[j]))) / (dep[i] + dep[j]), i, j)
         for i in range(len(pts))
         for j in range(i + 1, len(pts))
-    ]
-    for _, i, j in sorted(pairs):
-        cut = mask.astype(np.uint8)
-        p0 = (int(pts[i][0]), int(pts[i][1]))
-        p1 = (int(pts[j][0]), int(pts[j][1]))
-        cv2.line(cut, p0, p1, 0, 1)
-        lab, n = ndi.label(cut)
-        if n < 2:
-            continue
-        sizes = np.bincount(lab.ravel())[1:]
-        big = np.argsort(-sizes)[:2] + 1
-        if sizes[big[1] - 1] < min_piece_px:
-            continue
-        chord = float(np.hypot(*(pts[i] - pts[j])))
-        small_diam = 2.0 * math.sqrt(sizes[big[1] - 1] / math.pi)
-        if chord > CUT_MAX_RATIO * small_diam:
-            continue
-        # Tiny slivers cut off along the chord and the chord itself go to the nearest big piece.
-        keep = np.zeros(n + 1, dtype=np.int32)
-        keep[big] = (1, 2)
-        out = keep[lab]
-        _, (iy, ix) = ndi.distance_transform_edt(out == 0, return_indices=True)
-        out = np.where(mask, out[iy, ix], 0)
-        return out
+    )
+    for _, i, j in pairs:
+        pieces = _try_cut(mask, pts[i], pts[j], min_piece_px)
+        if pieces is not None:
+            return pieces
+    if mask.sum() < one_notch_min_px:
+        return None
+    # One usable notch: shortest chord to a contour point at least a quarter perimeter away.
+    outline = contour[:, 0, :].astype(np.float64)
+    m = len(outline)
+    k = int(deep[np.argmax(dep), 2])
+    steps = np.abs(np.arange(m) - k)
+    far = np.minimum(steps, m - steps) >= m // 4
+    cand = np.flatnonzero(far)
+    dist = np.hypot(*(outline[cand] - outline[k]).T)
+    for q in cand[np.argsort(dist)[:ONE_NOTCH_TRIES]]:
+        pieces = _try_cut(mask, outline[k], outline[q], min_piece_px)
+        if pieces is not None:
+            return pieces
     return None
 
 
 def _split_clumps(
-    labels: np.ndarray, kind: np.ndarray, min_depth_px: float, min_piece_px: float
+    labels: np.ndarray,
+    kind: np.ndarray,
+    min_depth_px: float,
+    min_piece_px: float,
+    one_notch_min_px: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Recursively split non-convex red-cell objects at pairs of concave points.
+    """Recursively split non-convex red-cell objects at concave notches (``_concave_cut``).
 
-    labels: int (H, W) with ids 0..n-1 described by kind (n,). Returns new labels and kinds, the
-    pieces appended as new ids.
+    labels: int (H, W) with ids 0..n-1 described by kind (n,). WBCs are left whole: their
+    lobulated nuclei and eccentric cytoplasm make notches that are not seams between cells.
+    Returns new labels and kinds, the pieces appended as new ids.
     """
     labels = labels.astype(np.int32, copy=True)
-    kinds = list(kind)
-    queue = [i for i, sl in enumerate(ndi.find_objects(labels), start=1) if sl is not None]
-    depth_of = dict.fromkeys(queue, 0)
+    kinds = [int(k) for k in kind]
+    rbc = OBJECT_KINDS["rbc"]
+    queue = [
+        (i, 0, sl)
+        for i, sl in enumerate(ndi.find_objects(labels), start=1)
+        if sl is not None and kinds[i] == rbc
+    ]
     while queue:
-        obj = queue.pop()
-        if kinds[obj] != OBJECT_KINDS["rbc"] or depth_of[obj] >= CUT_MAX_DEPTH:
+        obj, level, sl = queue.pop()
+        window = labels[sl]
+        mask = window == obj
+        if level >= CUT_MAX_DEPTH or mask.sum() < 2 * min_piece_px:
             continue
-        ys, xs = np.nonzero(labels == obj) if False else (None, None)
-        sl = ndi.find_objects(labels == obj)[0] if False else None
-        del ys, xs, sl
+        pieces = _concave_cut(np.pad(mask, 1), min_depth_px, min_piece_px, one_notch_min_px)
+        if pieces is None:
+            continue
+        new_id = len(kinds)
+        kinds.append(rbc)
+        window[pieces[1:-1, 1:-1] == 2] = new_id
+        queue.extend([(obj, level + 1, sl), (new_id, level + 1, sl)])
+    return labels, np.asarray(kinds, dtype=np.uint8)
+
+
+def _resplit_large(
+    labels: np.ndarray, kind: np.ndarray, max_px: float, h_px: float, min_dist_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-run the watershed with finer markers inside red-cell objects larger than ``max_px``.
+
+    Such objects are clumps that neither the slide-wide markers nor the concave cuts separated;
+    the object's own distance map with a lower peak height usually finds its cells. Returns new
+    labels and kinds (pieces appended as new ids); objects that do not split are kept.
+    """
+    labels = labels.astype(np.int32, copy=True)
+    kinds = [int(k) for k in kind]
+    area = np.bincount(labels.ravel(), minlength=len(kinds))
+    for obj, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or kinds[obj] != OBJECT_KINDS["rbc"] or area[obj] <= max_px:
+            continue
+        window = labels[sl]
+        mask = np.pad(window == obj, 1)
+        dist = cv2.GaussianBlur(ndi.distance_transform_edt(mask).astype(np.float32), (0, 0), 1.0)
+        dist[~mask] = 0.0
+        markers, n = _markers(dist, h_px, min_dist_px, np.zeros_like(mask))
+        if n < 2:
+            continue
+        pieces = watershed(-dist, markers, mask=mask)[1:-1, 1:-1]
+        for piece in range(2, n + 1):
+            window[pieces == piece] = len(kinds)
+            kinds.append(OBJECT_KINDS["rbc"])
     return labels, np.asarray(kinds, dtype=np.uint8)
 
 
@@ -427,6 +635,7 @@ class ClassicalSegmenter:
     """Threshold + watershed segmenter for one RGB tile at ``um_per_px`` (0.25 um/px)."""
 
     name = "classical"
+    version = 1  # bump when the algorithm or its module constants change (part of config())
     um_per_px = 0.25  # working resolution; callers resample tiles to it
 
     def __init__(self, params: ClassicalParams | None = None) -> None:
@@ -434,7 +643,12 @@ class ClassicalSegmenter:
 
     def config(self) -> dict:
         """JSON-serialisable description of the segmenter (hashed into run configs)."""
-        return {"name": self.name, "um_per_px": self.um_per_px, **asdict(self.params)}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "um_per_px": self.um_per_px,
+            **asdict(self.params),
+        }
 
     def _px(self, um: float) -> float:
         return um / self.um_per_px
@@ -454,39 +668,76 @@ class ClassicalSegmenter:
         if sigma > 0.3:
             od = cv2.GaussianBlur(od, (0, 0), sigma)
         proj = od @ direction
-        fg = proj > stats.od_threshold
+        low = max(PALE_FRACTION_OF_CELL_OD * stats.cell_od, 0.5 * stats.od_threshold)
+        fg = _pale_cells(proj, stats.od_threshold, low)
         fg = _remove_small(fg, self._px2(p.min_object_area_um2))
+        neutral = _neutral(od)
+        nuclear, wbc_nuclei = self._nuclei(od, proj, fg & ~neutral, stats)
+        if wbc_nuclei.any():  # pale cytoplasm around a nucleus joins the foreground
+            zone = cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(p.wbc_cytoplasm_um))) > 0
+            fg |= zone & (proj > CYTOPLASM_FRACTION_OF_THRESHOLD * stats.od_threshold)
+        fg = _fill_pallor(
+            fg, self._px2(p.hole_fill_max_area_um2), proj, PALLOR_OD_FRACTION * stats.od_threshold
+        )
+        labels, kind = self._watershed(fg, proj, wbc_nuclei, stats)
+        labels, kind = _split_clumps(
+            labels,
+            kind,
+            min_depth_px=self._px(CONCAVITY_MIN_DEPTH_UM),
+            min_piece_px=self._px2(p.min_rbc_area_um2),
+            one_notch_min_px=self._px2(ONE_NOTCH_MIN_AREA_UM2),
+        )
+        labels, kind = _resplit_large(
+            labels,
+            kind,
+            max_px=self._px2(p.max_rbc_area_um2),
+            h_px=RESPLIT_H_FACTOR * self._px(p.marker_h_um),
+            min_dist_px=RESPLIT_H_FACTOR * self._px(p.marker_min_distance_um),
+        )
+        debris = (proj > DEBRIS_OD_FACTOR * stats.cell_od) & neutral
+        return self._finalise(labels, kind, nuclear, debris)
 
-        # WBC nuclei: large blobs of nuclear-coloured, well-stained pixels.
+    def _nuclei(
+        self, od: np.ndarray, proj: np.ndarray, fg: np.ndarray, stats: SlideStats
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nuclear-stained pixels and the WBC nuclei among them (both bool (H, W)).
+
+        ``fg`` should exclude grey-black debris. Nuclear pixels are well stained and off the
+        red-cell hue; lobes closer than ``nuclear_close_um`` are merged, and blobs from
+        ``wbc_nucleus_min_area_um2`` on are WBC nuclei (smaller ones are platelets).
+        """
+        p = self.params
+        direction = np.asarray(stats.rbc_direction, dtype=np.float32)
         nuclear = fg & (proj > stats.nuclear_od)
         nuclear &= _hue_angle_ok(od, proj, direction, stats.nuclear_angle)
         close = _disk(self._px(p.nuclear_close_um))
-        nuclear_closed = cv2.morphologyEx(nuclear.astype(np.uint8), cv2.MORPH_CLOSE, close) > 0
-        nuc_lab, n_nuc = ndi.label(nuclear_closed & fg, structure=np.ones((3, 3)))
-        wbc_nuclei = np.zeros(fg.shape, dtype=bool)
-        if n_nuc:
-            sizes = np.bincount(nuc_lab.ravel())
-            big = sizes >= self._px2(p.wbc_nucleus_min_area_um2)
-            big[0] = False
-            wbc_nuclei = big[nuc_lab]
-        if wbc_nuclei.any():  # pale cytoplasm around a nucleus joins the foreground
-            zone = cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(p.wbc_cytoplasm_um))) > 0
-            fg |= zone & (proj > 0.5 * stats.od_threshold)
+        closed = cv2.morphologyEx(nuclear.astype(np.uint8), cv2.MORPH_CLOSE, close) > 0
+        lab, n = ndi.label(closed & fg, structure=np.ones((3, 3)))
+        if n == 0:
+            return nuclear, np.zeros(fg.shape, dtype=bool)
+        big = np.bincount(lab.ravel()) >= self._px2(p.wbc_nucleus_min_area_um2)
+        big[0] = False
+        return nuclear, big[lab]
 
-        fg = _fill_pallor(
-            fg,
-            self._px2(p.hole_fill_max_area_um2),
-            proj,
-            PALLOR_OD_FRACTION * stats.od_threshold,
-        )
+    def _watershed(
+        self, fg: np.ndarray, proj: np.ndarray, wbc_nuclei: np.ndarray, stats: SlideStats
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distance-transform watershed of the foreground; WBC nuclei seed their own basins.
+
+        Overlap lenses are cut out of the distance map so that overlapping cells get a peak
+        each. Returns int32 labels (H, W) and kinds (n + 1,) indexed by label (kinds[0] = 0).
+        """
+        p = self.params
         lens = _overlap_lenses(
             fg & (proj > LENS_OD_FACTOR * stats.cell_od), self._px(LENS_MAX_HALF_WIDTH_UM)
         )
         dist = ndi.distance_transform_edt(fg & ~lens).astype(np.float32)
-        dist = cv2.GaussianBlur(dist, (0, 0), 1.0)
+        dist = cv2.GaussianBlur(dist, (0, 0), DIST_SMOOTH_PX)
         dist[~fg | lens] = 0.0
 
-        wbc_zone = cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(1.0))) > 0
+        wbc_zone = (
+            cv2.dilate(wbc_nuclei.astype(np.uint8), _disk(self._px(WBC_MARKER_MARGIN_UM))) > 0
+        )
         markers, n_rbc = _markers(
             dist, self._px(p.marker_h_um), self._px(p.marker_min_distance_um), wbc_zone
         )
@@ -494,37 +745,38 @@ class ClassicalSegmenter:
         markers = np.where(wbc_nuclei, wbc_lab + n_rbc, markers).astype(np.int32)
         labels = watershed(-dist, markers, mask=fg)
 
-        # fg pieces that received no marker become objects of their own.
+        # Foreground pieces that received no marker become objects of their own.
         orphan_lab, n_orphan = ndi.label(fg & (labels == 0), structure=np.ones((3, 3)))
         n_markers = n_rbc + n_wbc
-        labels = np.where(orphan_lab > 0, orphan_lab + n_markers, labels)
-        n_total = n_markers + n_orphan
-
-        kind = np.full(n_total + 1, OBJECT_KINDS["rbc"], dtype=np.uint8)
+        labels = np.where(orphan_lab > 0, orphan_lab + n_markers, labels).astype(np.int32)
+        kind = np.full(n_markers + n_orphan + 1, OBJECT_KINDS["rbc"], dtype=np.uint8)
         kind[n_rbc + 1 : n_markers + 1] = OBJECT_KINDS["wbc"]
         kind[0] = 0
-        labels, kind = _split_clumps(
-            labels,
-            kind,
-            min_depth_px=self._px(CONCAVITY_MIN_DEPTH_UM),
-            min_piece_px=self._px2(p.min_rbc_area_um2),
-        )
-        return self._finalise(labels, kind, nuclear)
+        return labels, kind
 
-    def _finalise(self, labels: np.ndarray, kind: np.ndarray, nuclear: np.ndarray) -> Segmentation:
-        """Classify non-WBC objects by size and colour, drop debris, relabel 1..n."""
+    def _finalise(
+        self, labels: np.ndarray, kind: np.ndarray, nuclear: np.ndarray, debris: np.ndarray
+    ) -> Segmentation:
+        """Call platelets by colour and size, drop debris and specks, relabel 1..n."""
         p = self.params
         n = kind.shape[0]
         flat = labels.ravel()
         area = np.bincount(flat, minlength=n)[:n]
-        nuc_px = np.bincount(flat, weights=nuclear.ravel(), minlength=n)[:n]
-        nuc_frac = nuc_px / np.maximum(area, 1)
-        not_wbc = kind != OBJECT_KINDS["wbc"]
-        purple = not_wbc & (nuc_frac >= 0.3) & (area <= self._px2(3 * p.platelet_max_area_um2))
-        kind[purple] = OBJECT_KINDS["platelet"]
+        nuc_frac = np.bincount(flat, weights=nuclear.ravel(), minlength=n)[:n] / np.maximum(area, 1)
+        debris_frac = np.bincount(flat, weights=debris.ravel(), minlength=n)[:n] / np.maximum(
+            area, 1
+        )
+        purple = (kind != OBJECT_KINDS["wbc"]) & (nuc_frac >= PLATELET_NUCLEAR_FRACTION)
+        kind[purple & (area <= self._px2(p.platelet_max_area_um2))] = OBJECT_KINDS["platelet"]
+        # Cells cut by the tile edge are kept down to min_object_area (the stitcher joins them).
+        edge = np.zeros(n, dtype=bool)
+        edge[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
         keep = area >= self._px2(p.min_object_area_um2)
-        keep &= (kind != OBJECT_KINDS["rbc"]) | (area >= self._px2(p.min_rbc_area_um2))
+        keep &= (kind != OBJECT_KINDS["rbc"]) | (area >= self._px2(p.min_rbc_area_um2)) | edge
+        keep &= debris_frac < DEBRIS_MAX_FRACTION
         keep[0] = False
         lut = np.zeros(n, dtype=np.uint32)
         lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-        return Segmentation(labels=lut[labels], kinds=kind[keep].astype(np.uint8))
+        # A dropped speck inside a cell (e.g. a target cell's central spot) leaves a hole: refill.
+        out = _fill_enclosed(lut[labels], self._px2(p.hole_fill_max_area_um2))
+        return Segmentation(labels=out, kinds=kind[keep].astype(np.uint8))

@@ -6,7 +6,8 @@ overlapping cells darken naturally. Every object is rendered on its own bounding
 keeps an 800x600 field with a few hundred cells well under half a second.
 
 Geometry is expressed as a signed distance to the cell outline (pixels, positive inside). The
-truth mask of an object is ``signed distance >= 0``; the rendered edge is anti-aliased around it.
+truth mask of an object is ``signed distance >= 0``; the rendered edge is a rounded rim whose half
+height lies on that outline, so the outline is where the blurred image has half the rim contrast.
 Where objects overlap, the one placed later owns the pixels in the instance label image.
 
 Morphology sizes follow standard haematology references (normal RBC 7.5 um, spherocytes ~6 um,
@@ -214,15 +215,16 @@ CONDITIONS: dict[str, dict[str, Any]] = {
 CONDITION_ORDER: tuple[str, ...] = ("normal", "hs", "ida")
 SITE_ORDER: tuple[str, ...] = ("site_a", "site_b")
 
-# Layout. Red cells cover 30-40 % of a monolayer field; most are free, some touch, some overlap.
+# Layout of the monolayer ("feathered edge" reading area): red cells cover 30-40 % of a field
+# (AneRBC-I masks: 35-48 %); each new cell is placed free, touching or overlapping a neighbour.
 RBC_COVERAGE = (0.30, 0.40)
 PLACEMENT_MODES = {"separate": 0.70, "touching": 0.18, "overlapping": 0.12}
 TOUCH_DEPTH = (0.0, 0.05)  # fraction of the summed radii by which touching cells interpenetrate
-OVERLAP_DEPTH = (0.05, 0.18)
+OVERLAP_DEPTH = (0.05, 0.18)  # overlapping a little: the lens is at most ~1/3 of a radius wide
 MIN_VISIBLE = 0.75  # every object keeps at least this fraction of its area unoccluded
 SEPARATE_GAP_PX = 1.5  # free cells keep at least this many pixels of background between them
-TRIES_PER_CELL = 20
-MAX_FAILED_SPECS = 60
+TRIES_PER_CELL = 20  # positions tried for one cell before it is discarded
+MAX_FAILED_SPECS = 60  # the field is full once this many cells could not be placed
 
 SCHISTOCYTE_DIAM_UM = (3.0, 6.0)  # equivalent diameter of a fragment
 WBC_DIAM_UM = (12.0, 16.0)
@@ -236,7 +238,50 @@ PLATELET_MAX_PER_FIELD = 8
 STAIN_JITTER_SD = 0.04  # relative SD of each OD channel
 STAIN_STRENGTH = (0.9, 1.1)  # global OD scale (staining time / smear thickness)
 BACKGROUND_JITTER = 4.0  # grey levels, uniform +-
-EDGE_SOFTNESS_PX = 0.5  # half-width of the anti-aliased outline
+EDGE_SOFTNESS_PX = 0.5  # half-width of the anti-aliased outline of nuclei
+# Rounded cell edges: the RBC rim is ~2 um thick, so its edge rounds off over ~0.8 um; the flat
+# WBC cytoplasm thins out more gradually, a platelet's edge is sharper. RIM_HALF_OFFSET puts half
+# the rim height on the outline.
+RBC_RIM_UM = 0.8
+WBC_RIM_UM = 1.0
+PLATELET_RIM_UM = 0.4
+RIM_HALF_OFFSET = 1.0 - math.sqrt(0.75)
+
+
+# Slide file formats: every 5th slide (index 3, 8, ...) is a JPEG; the 6th slide is PNG data saved
+# under a .jpg name, as found in real archives.
+JPEG_EVERY = 5
+JPEG_OFFSET = 3
+PNG_AS_JPG_INDEX = 5
+
+# Output tables.
+CATALOG_COLUMNS = [
+    "slide_id",
+    "uri",
+    "patient_id",
+    "site",
+    "scanner",
+    "stain",
+    "um_per_px",
+    "cohort",
+    "label",
+]
+TRUTH_COLUMNS = [
+    "slide_id",
+    "patient_id",
+    "site",
+    "condition",
+    "cell_id",
+    "kind",
+    "cell_class",
+    "centroid_x",
+    "centroid_y",
+    "area_um2",
+    "full_area_um2",
+    "diameter_um",
+    "visible_fraction",
+    "touches_border",
+]
 
 
 @dataclass(frozen=True)
@@ -346,11 +391,20 @@ def _coverage(sd: np.ndarray) -> np.ndarray:
     return np.clip(sd / (2 * EDGE_SOFTNESS_PX) + 0.5, 0.0, 1.0)
 
 
+def _rim(sd: np.ndarray, width_px: float) -> np.ndarray:
+    """Rounded edge profile in [0, 1]: a semicircular rim of ``width_px``, half height at sd = 0.
+
+    The truth outline (sd = 0) is thus where the cell is half as thick as its rim, which is also
+    where the blurred image reaches half its rim contrast.
+    """
+    x = np.clip((sd + RIM_HALF_OFFSET * width_px) / width_px, 0.0, 1.0)
+    return np.sqrt(np.clip(1.0 - (1.0 - x) ** 2, 0.0, 1.0))
+
+
 def _rbc_thickness(rho: np.ndarray, cls: str, params: dict[str, float]) -> np.ndarray:
-    """Relative thickness profile (1 = normal rim) of a red cell as a function of ``rho``."""
+    """Relative thickness (1 = normal rim) of a red cell's interior as a function of ``rho``."""
     r = np.clip(rho, 0.0, 1.0)
-    edge = np.clip(1.0 - r**2, 0.0, 1.0) ** 0.25  # rim falls off steeply only at the outline
-    t = params["density"] * edge
+    t = params["density"] * np.ones_like(r)
     if cls == "spherocyte" or cls == "schistocyte":
         return t * (0.85 + 0.15 * np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0)))
     pallor = params["pallor"]
@@ -445,7 +499,7 @@ def _make_rbc(
     sd, rho, u, v = _ellipse_geometry(a_px, b_px, angle, wob, fx, fy, half)
     if cls == "schistocyte":
         sd = _cut_fragment(rng, sd, u, v, math.sqrt(a_px * b_px), um_per_px)
-    thick = _rbc_thickness(rho, cls, params) * _coverage(sd)
+    thick = _rbc_thickness(rho, cls, params) * _rim(sd, RBC_RIM_UM / um_per_px)
     od = thick[..., None] * colours["rbc"][None, None, :]
     area = float((sd >= 0).sum())
     return _Obj("rbc", cls, sd, od.astype(np.float32), math.sqrt(area / np.pi), fx, fy, half)
@@ -463,7 +517,7 @@ def _make_wbc(rng: np.random.Generator, um_per_px: float, colours: dict[str, np.
         a_px, b_px, rng.uniform(0, np.pi), _wobble(rng, 0.02), fx, fy, half
     )
     cover = _coverage(sd)
-    cyto = cover * np.clip(1.0 - rho**2, 0.0, 1.0) ** 0.2
+    cyto = _rim(sd, WBC_RIM_UM / um_per_px)
     nucleus = np.zeros_like(sd)
     if rng.uniform() < 0.6:  # neutrophil: 2-5 lobes along an arc
         n_lobes = int(rng.integers(2, 6))
@@ -507,7 +561,11 @@ def _make_platelet(
         a_px, b_px, rng.uniform(0, np.pi), _wobble(rng, 0.08), fx, fy, half
     )
     granules = 0.7 + 0.3 * rng.uniform(size=sd.shape).astype(np.float32)
-    dens = _coverage(sd) * (0.6 + 0.4 * np.clip(1.0 - rho, 0.0, 1.0)) * granules
+    dens = (
+        _rim(sd, PLATELET_RIM_UM / um_per_px)
+        * (0.6 + 0.4 * np.clip(1.0 - rho, 0.0, 1.0))
+        * granules
+    )
     od = dens[..., None] * colours["platelet"][None, None, :]
     area = float((sd >= 0).sum())
     return _Obj(
@@ -560,6 +618,15 @@ class _Canvas:
         self.visible.append(n)
         obj.x, obj.y = x, y
         self.objs.append(obj)
+
+
+def _pixels_in_window(obj: _Obj, pad: int, height: int, width: int) -> int:
+    """Pixels of a placed object's mask inside the field window [pad, pad + height/width)."""
+    h = obj.sd.shape[0]
+    y0, x0 = obj.y - obj.half, obj.x - obj.half
+    ys = slice(max(pad - y0, 0), max(min(pad + height - y0, h), 0))
+    xs = slice(max(pad - x0, 0), max(min(pad + width - x0, h), 0))
+    return int(obj.mask[ys, xs].sum())
 
 
 def _place_free(
@@ -617,12 +684,14 @@ def render_field(
     *,
     profile: dict[str, Any] | None = None,
     stain_shift: float | None = None,
+    jpeg_quality: int | None = None,
 ) -> Field:
     """Render one smear field of a patient with ``condition`` imaged at ``site``.
 
     ``um_per_px`` defaults to the site's pixel size; ``profile`` (from ``patient_profile``) fixes
-    the patient's cell mix, otherwise one is drawn; ``stain_shift`` overrides the site's.
-    Returns image uint8 (H, W, 3) RGB, labels uint32 (H, W) and the per-object truth.
+    the patient's cell mix, otherwise one is drawn; ``stain_shift`` overrides the site's;
+    ``jpeg_quality`` passes the image through JPEG compression. Returns image uint8 (H, W, 3)
+    RGB, labels uint32 (H, W) and the per-object truth.
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {sorted(SITES)}")
@@ -642,7 +711,7 @@ def render_field(
 
     classes = list(MORPHOLOGY_CLASSES)
     probs = np.asarray([profile["mix"][c] for c in classes])
-    target_px = rng.uniform(*RBC_COVERAGE) * canvas.labels.size
+    target_px = rng.uniform(*RBC_COVERAGE) * height * width  # red-cell area inside the field
     covered, failed = 0.0, 0
     rbc_idx: list[int] = []
     while covered < target_px and failed < MAX_FAILED_SPECS:
@@ -650,7 +719,7 @@ def render_field(
         obj = _make_rbc(rng, cls, profile, um, colours)
         if _place_rbc(rng, canvas, obj, rbc_idx):
             rbc_idx.append(len(canvas.objs) - 1)
-            covered += canvas.full[-1]
+            covered += _pixels_in_window(canvas.objs[-1], pad, height, width)
         else:
             failed += 1
 
@@ -667,6 +736,9 @@ def render_field(
     labels = canvas.labels[pad : pad + height, pad : pad + width]
 
     image = _image_formation(rng, od, colours["background"], site_p)
+    if jpeg_quality is not None:
+        buf = np.frombuffer(_encode(image, ".jpg", jpeg_quality), dtype=np.uint8)
+        image = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     labels, cells = _truth(labels, canvas, um)
     return Field(image=image, labels=labels, cells=cells)
 
@@ -723,13 +795,6 @@ def _truth(labels: np.ndarray, canvas: _Canvas, um_per_px: float) -> tuple[np.nd
         )
     assert all(c["kind"] in OBJECT_KINDS for c in cells)
     return lut[labels], cells
-
-
-# Slide file formats: every 5th slide (index 3, 8, ...) is a JPEG; the 6th slide is PNG data saved
-# under a .jpg name, as found in real archives.
-JPEG_EVERY = 5
-JPEG_OFFSET = 3
-PNG_AS_JPG_INDEX = 5
 
 
 def _slide_format(index: int, n_slides: int) -> tuple[str, str]:
@@ -823,32 +888,3 @@ def synth_cohort(
     truth = pd.DataFrame(truth_rows, columns=TRUTH_COLUMNS)
     truth.to_parquet(out / "truth.parquet", engine="pyarrow", index=False)
     return catalog
-
-
-CATALOG_COLUMNS = [
-    "slide_id",
-    "uri",
-    "patient_id",
-    "site",
-    "scanner",
-    "stain",
-    "um_per_px",
-    "cohort",
-    "label",
-]
-TRUTH_COLUMNS = [
-    "slide_id",
-    "patient_id",
-    "site",
-    "condition",
-    "cell_id",
-    "kind",
-    "cell_class",
-    "centroid_x",
-    "centroid_y",
-    "area_um2",
-    "full_area_um2",
-    "diameter_um",
-    "visible_fraction",
-    "touches_border",
-]

@@ -86,6 +86,18 @@ def evaluate_anerbc(
     return rows
 
 
+def synthetic_summary(rows: list[dict]) -> dict:
+    """Pooled figures over synthetic images: count errors and instance scores."""
+    true, found = sum(r["true_rbc"] for r in rows), sum(r["found_rbc"] for r in rows)
+    return {
+        **mean_row(rows, "mean"),
+        "true_rbc": true,
+        "found_rbc": found,
+        "mean_abs_count_error_pct": float(np.mean([abs(r["count_error_pct"]) for r in rows])),
+        "pooled_count_error_pct": 100.0 * (found - true) / true,
+    }
+
+
 def mean_row(rows: list[dict], label: str) -> dict:
     keys = [k for k, v in rows[0].items() if isinstance(v, float)]
     return {"image": label, **{k: float(np.nanmean([r[k] for r in rows])) for k in keys}}

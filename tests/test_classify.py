@@ -103,8 +103,10 @@ def test_precedence_between_overlapping_rules():
         # An elongated small fragment is a schistocyte, not an elliptocyte.
         fragment,
         # The same outline next to a neighbour may be cut by it: no schistocyte call; no
-        # elliptocyte either (not an ellipse); small without pallor: spherocyte.
+        # elliptocyte either (not an ellipse), nor spherocyte (not round): its size only.
         {**fragment, "contact_fraction": 0.3},
+        # Cut by a neighbour but still nearly round, small without pallor: spherocyte.
+        {**fragment, "contact_fraction": 0.3, "ellipse_fit": 0.92, "aspect_ratio": 1.2},
         # Irregular but full-sized: not a fragment.
         {"diameter_um": 7.2, "ellipse_fit": 0.8},
         # Elongated, small and without pallor: shape first, elliptocyte.
@@ -124,6 +126,7 @@ def test_precedence_between_overlapping_rules():
         {"diameter_um": 3.0, "pallor_ratio": np.nan, "pallor_area_fraction": np.nan},
     ) == [
         "schistocyte",
+        "microcyte",
         "spherocyte",
         "normal",
         "elliptocyte",
@@ -175,6 +178,7 @@ def test_rules_validation_and_dict():
         {"target_min_core_ratio": 0.9},
         {"target_max_ring_ratio": 1.1},
         {"hypochromic_min_pallor_fraction": 1.5},
+        {"spherocyte_min_ellipse_fit": 1.1},
         {"schistocyte_max_contact": -0.1},
     ):
         with pytest.raises(ValueError):

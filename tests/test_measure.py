@@ -64,8 +64,9 @@ def test_disk_radius_20_at_half_micron():
 @pytest.mark.parametrize("radius", [10, 12, 14, 17, 25, 40])
 @pytest.mark.parametrize("offset", [0.0, 0.3, 0.5])
 def test_circularity_of_digitised_disks(radius, offset):
-    # Crofton perimeter, measured over radii 10-40 and sub-pixel centres: 0.99-1.04 (the
-    # boundary-chain perimeter gives 0.91-1.00, too low for large cells).
+    # Smoothed outline, measured over radii 10-40 and sub-pixel centres: 0.998-1.0 at 0.1 µm/px
+    # (0.98-1.0 from 0.1 to 0.5 µm/px; the Crofton perimeter gives 0.99-1.04, the boundary-chain
+    # perimeter 0.91-1.00).
     size = 2 * radius + 6
     labels, image = blank(size, size)
     draw_disk(labels, image, (size // 2 + offset, size // 2 + 0.7 * offset), radius, 1)
@@ -100,8 +101,9 @@ def test_ellipse_fit_flags_fragments():
     rr, cc = disk((30, 103), 10)
     labels[rr, cc] = 0  # a bite
     c = measure_cells(labels, image, 0.25)
-    # Half disk: circularity 0.75 in the continuum (Crofton reads 0.81 on the digitised one),
-    # against 0.87 for an ellipse of its 1.86 aspect ratio.
+    # Half disk: circularity 0.75 in the continuum (the smoothed outline, whose corners are
+    # rounded over 0.3 µm, reads 0.79), against 0.87 for an ellipse of its 1.86 aspect ratio.
+    # Bitten disk: 0.75 in the continuum, 0.78 read, against 0.98 for its 1.22 aspect ratio.
     assert 0.90 < c["ellipse_fit"][0] < 0.95
     assert c["solidity"][0] > 0.97  # still convex
     assert c["ellipse_fit"][1] < 0.8
@@ -119,6 +121,41 @@ def test_origin_offsets_centroid_and_half_open_bbox():
     assert (c["bbox_x1"][0], c["bbox_y1"][0]) == (2007, 1005)
     assert c["area_um2"][0] == pytest.approx(12 * 0.25)
     assert (c["mean_r"][0], c["mean_g"][0], c["mean_b"][0]) == CELL_RGB
+
+
+def upsample_nearest(labels: np.ndarray, factor: float) -> np.ndarray:
+    """Nearest-neighbour upsampling, as labels from a coarser segmenter come back to a slide."""
+    h, w = labels.shape
+    ys = ((np.arange(round(h * factor)) + 0.5) / factor).astype(int)
+    xs = ((np.arange(round(w * factor)) + 0.5) / factor).astype(int)
+    return labels[ys[:, None], xs[None, :]]
+
+
+@pytest.mark.parametrize("factor", [1.25, 2.5])
+def test_upsampled_labels_keep_round_cells_round(factor):
+    # Red cells segmented at 0.25 µm/px and handed back at 0.2 or 0.1 µm/px: the label staircase
+    # is coarser than the slide's pixels. The Crofton perimeter reads a 1.25x upsampled disk ~4%
+    # too long (ellipse_fit ~0.92, like a fragment's); the smoothed outline does not.
+    labels, _ = blank(90, 90)
+    for cell_id, (centre, radii, angle) in enumerate(
+        [
+            ((22.3, 22.6), (14, 14), 0.0),
+            ((22.0, 62.4), (16, 12), 0.4),
+            ((64.5, 40.2), (15, 13), 1.1),
+        ],
+        start=1,
+    ):
+        rr, cc = ellipse(*centre, *radii, shape=labels.shape, rotation=angle)
+        labels[rr, cc] = cell_id
+    big = upsample_nearest(labels, factor)
+    image = np.empty((*big.shape, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    c = measure_cells(big, image, 0.25 / factor)
+    assert c["ellipse_fit"] == pytest.approx(np.ones(3), abs=0.025)
+    # The same shapes at their own resolution read the same.
+    assert c["ellipse_fit"] == pytest.approx(
+        measure_cells(labels, blank(90, 90)[1], 0.25)["ellipse_fit"], abs=0.02
+    )
 
 
 def test_optical_density_by_hand():
@@ -161,6 +198,26 @@ def test_central_pallor():
     assert 0.10 < c["pallor_area_fraction"][pale] < 0.14
     # The annulus (50-80% inwards: radius ~4-10.5 px) is a third pale: 2/3 + 1/3 x 0.082 = 0.69.
     assert c["ring_ratio"][pale] == pytest.approx(0.69, abs=0.05)
+
+
+def test_rim_od_ignores_an_overlapping_neighbour():
+    # Two uniform cells overlapping by 7 px (18% of the summed radii); cell 1 lies on top and
+    # owns the lens, which holds both cells' haemoglobin (twice the OD), inside its rim zone. A
+    # mean rim OD would rise there (pallor_ratio 0.92, a pallor that is not there); the median
+    # rim OD keeps the uniform cell at 1.
+    labels, image = blank(60, 100)
+    top, under = np.zeros((60, 100), dtype=bool), np.zeros((60, 100), dtype=bool)
+    top[disk((30, 32), 20, shape=top.shape)] = True
+    under[disk((30, 65), 20, shape=top.shape)] = True
+    labels[under] = 2
+    labels[top] = 1
+    image[top | under] = CELL_RGB
+    image[top & under] = (154, 36, 52)  # OD of CELL_RGB twice over
+    c = measure_cells(labels, image, 0.25, background_rgb=BACKGROUND)
+    assert c["contact_fraction"][0] > 0.15
+    assert c["pallor_ratio"].tolist() == pytest.approx([1.0, 1.0], abs=0.01)
+    assert c["ring_ratio"].tolist() == pytest.approx([1.0, 1.0], abs=0.01)
+    assert c["pallor_area_fraction"].tolist() == [0, 0]
 
 
 def test_target_cell_has_dense_core_in_pale_ring():
@@ -256,5 +313,5 @@ def test_150_cells_quickly():
     c = measure_cells(labels, image, 0.25)
     elapsed = time.perf_counter() - start
     assert c["cell_id"].size == 150
-    # Budget 0.2 s; measured ~0.085 s on a 2-core machine. Generous for loaded CI runners.
+    # Budget 0.2 s; measured ~0.11 s on a 2-core machine. Generous for loaded CI runners.
     assert elapsed < 0.4

@@ -9,22 +9,24 @@ import pyarrow as pa
 
 from rbcbatch.analytics import connect
 
-# Which synthetic condition each screening flag is meant to find.
-FLAG_TRUTH = {"hs_flag": "hs", "anemia_flag": "ida"}
+# Which synthetic conditions each screening flag is meant to find: HS is itself a (haemolytic)
+# anemia, so the anemia flag should find both anemic conditions.
+FLAG_TRUTH = {"hs_flag": ("hs",), "anemia_flag": ("hs", "ida")}
 
 
 def flag_agreement(con: duckdb.DuckDBPyConnection) -> pa.Table:
     """Per flag: true/false positives and negatives against the patients' synthetic condition."""
     parts = []
-    for flag, condition in FLAG_TRUTH.items():
+    for flag, conditions in FLAG_TRUTH.items():
+        truth = f"label IN ({', '.join(repr(c) for c in conditions)})"
         parts.append(f"""
-            SELECT '{flag}' AS flag, '{condition}' AS finds,
-                   count(*) FILTER ({flag} = 'positive' AND label = '{condition}') AS tp,
-                   count(*) FILTER ({flag} = 'positive' AND label <> '{condition}') AS fp,
-                   count(*) FILTER ({flag} = 'negative' AND label = '{condition}') AS fn,
-                   count(*) FILTER ({flag} = 'negative' AND label <> '{condition}') AS tn,
+            SELECT '{flag}' AS flag, '{" or ".join(conditions)}' AS finds,
+                   count(*) FILTER ({flag} = 'positive' AND {truth}) AS tp,
+                   count(*) FILTER ({flag} = 'positive' AND NOT {truth}) AS fp,
+                   count(*) FILTER ({flag} = 'negative' AND {truth}) AS fn,
+                   count(*) FILTER ({flag} = 'negative' AND NOT {truth}) AS tn,
                    count(*) FILTER ({flag} = 'insufficient') AS insufficient,
-                   avg(CASE WHEN ({flag} = 'positive') = (label = '{condition}') THEN 1.0 ELSE 0.0 END)
+                   avg(CASE WHEN ({flag} = 'positive') = ({truth}) THEN 1.0 ELSE 0.0 END)
                        FILTER ({flag} <> 'insufficient') AS accuracy
             FROM patients""")
     return con.sql(" UNION ALL ".join(parts)).to_arrow_table()

@@ -184,3 +184,15 @@ def test_resume_after_a_real_kill_gives_the_clean_run(clean_run, tiny_cohort, tm
     leftovers = [p for p in out.rglob(".*.tmp")]
     assert len(leftovers) <= 1  # at most the write the kill interrupted
     shutil.rmtree(out)
+
+
+def test_demo_agreement_against_truth(clean_run, tiny_cohort):
+    from rbcbatch.demo import agreement_tables
+
+    out, _ = clean_run
+    tables = dict(agreement_tables(str(out), tiny_cohort.parent / "truth.parquet"))
+    counts = tables["RBC counts vs synthetic truth"].to_pylist()[0]
+    assert counts["slides"] == 6 and abs(counts["pooled_count_error_pct"]) < 5.0
+    flags = {r["flag"]: r for r in tables["screening flags vs synthetic truth"].to_pylist()}
+    assert flags["hs_flag"]["tp"] + flags["hs_flag"]["fn"] + flags["hs_flag"]["insufficient"] >= 1
+    assert flags["hs_flag"]["fp"] == 0

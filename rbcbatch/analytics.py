@@ -17,7 +17,17 @@ import yaml
 from rbcbatch.sinks import MANIFEST_FIELDS, RunStore, cells_schema
 
 # Red-cell classes counted as poikilocytes (abnormal shape), after ICSH 2015 (Palmer et al.).
-POIKILOCYTE_CLASSES = ("spherocyte", "elliptocyte", "target", "schistocyte", "other")
+POIKILOCYTE_CLASSES = (
+    "spherocyte",
+    "elliptocyte",
+    "ovalocyte",
+    "target",
+    "schistocyte",
+    "stomatocyte",
+    "teardrop",
+    "burr",
+    "other",
+)
 
 
 @dataclass(frozen=True)

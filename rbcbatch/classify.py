@@ -23,6 +23,10 @@ MORPHOLOGY_CLASSES: tuple[str, ...] = (
     "microcyte",
     "macrocyte",
     "hypochromic",
+    "stomatocyte",
+    "ovalocyte",
+    "teardrop",
+    "burr",
     "other",
 )
 
@@ -216,3 +220,97 @@ def classify_rules(
         out[hit] = name
         undecided &= ~hit
     return out
+
+
+@dataclass(frozen=True)
+class CellCalls:
+    """A classifier's answer for n cells: class names, and for learned models the evidence.
+
+    classes: object (n,); probability: float32 (n,) of the chosen class; probabilities:
+    float32 (n, C) over the classifier's `classes`; embedding: float16 (n, D).
+    """
+
+    classes: np.ndarray
+    probability: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+
+
+class RulesClassifier:
+    """The rule-based call behind the common classifier interface (no model, no I/O)."""
+
+    name = "rules"
+
+    def __init__(self, rules: MorphologyRules | None = None) -> None:
+        self.rules = rules or MorphologyRules()
+        self.classes = MORPHOLOGY_CLASSES
+
+    def config(self) -> dict:
+        return {"name": self.name, **self.rules.to_dict()}
+
+    def __call__(
+        self, columns: Mapping[str, np.ndarray], image: np.ndarray, um_per_px: float
+    ) -> CellCalls:
+        n = len(columns["cell_id"])
+        return CellCalls(classify_rules(columns, self.rules) if n else np.array([], dtype=object))
+
+
+class ResNetClassifier:
+    """The learned classifier: crops normalised to µm around each centroid → ResNet.
+
+    Loads its weights once (checked against the card's sha256); maps a slide's cells in
+    batches under inference mode.
+    """
+
+    name = "resnet"
+
+    def __init__(self, weights: str = "resnet_cells", device: str | None = None) -> None:
+        from rbcbatch.models import load_model
+
+        device = device or _default_device()
+        self.model, self.card = load_model(weights, device=device)
+        self.classes = tuple(self.card.classes)
+        self.crop_um = float(self.card.um_per_px * self.card.input_px)
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "weights": self.card.name,
+            "sha256": self.card.sha256,
+            "classes": list(self.classes),
+            "crop_um": self.crop_um,
+            "input_px": self.card.input_px,
+        }
+
+    def __call__(
+        self, columns: Mapping[str, np.ndarray], image: np.ndarray, um_per_px: float
+    ) -> CellCalls:
+        from rbcbatch.datasets import cell_crops
+        from rbcbatch.train_classifier import predict_crops
+
+        n = len(columns["cell_id"])
+        if n == 0:
+            return CellCalls(
+                np.array([], dtype=object),
+                np.zeros(0, np.float32),
+                np.zeros((0, len(self.classes)), np.float32),
+                np.zeros((0, 0), np.float16),
+            )
+        points = np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
+        crops = cell_crops(
+            image, points, um_per_px, crop_um=self.crop_um, out_px=self.card.input_px
+        )
+        probs, embedding = predict_crops(self.model, crops)
+        best = probs.argmax(axis=1)
+        return CellCalls(
+            classes=np.asarray(self.classes, dtype=object)[best],
+            probability=probs[np.arange(n), best].astype(np.float32),
+            probabilities=probs.astype(np.float32),
+            embedding=embedding.astype(np.float16),
+        )
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

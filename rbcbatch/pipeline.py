@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from rbcbatch import __version__
 from rbcbatch.catalog import SlideSpec, load_catalog
-from rbcbatch.classify import MorphologyRules, classify_rules
+from rbcbatch.classify import CellCalls, ResNetClassifier, RulesClassifier
 from rbcbatch.errors import Failure, RbcbatchError
 from rbcbatch.measure import measure_cells
 from rbcbatch.segment import ClassicalSegmenter, estimate_slide_stats
@@ -36,8 +36,16 @@ OVERVIEW_PIXELS = 4_000_000
 
 KIND_NAMES = {1: "rbc", 2: "wbc", 3: "platelet"}
 
-SEGMENTERS: dict[str, Callable] = {"classical": ClassicalSegmenter}
-CLASSIFIERS: dict[str, Callable] = {"rules": MorphologyRules}
+
+def _unet_segmenter():
+    from rbcbatch.segment_unet import UNetSegmenter  # torch and smp load only when asked for
+
+    return UNetSegmenter()
+
+
+# Name -> builder. Learned models load their checked weights once, in the actor that builds them.
+SEGMENTERS: dict[str, Callable] = {"classical": ClassicalSegmenter, "unet": _unet_segmenter}
+CLASSIFIERS: dict[str, Callable] = {"rules": RulesClassifier, "resnet": ResNetClassifier}
 
 
 def _lookup(registry: dict[str, Callable], name: str, what: str) -> Callable:
@@ -76,12 +84,12 @@ class Models:
 
     config: RunConfig
     segmenter: object = field(init=False)
-    rules: MorphologyRules = field(init=False)
+    classifier: object = field(init=False)
     geometry: TileGeometry = field(init=False)
 
     def __post_init__(self) -> None:
         self.segmenter = _lookup(SEGMENTERS, self.config.segmenter, "segmenter")()
-        self.rules = _lookup(CLASSIFIERS, self.config.classifier, "classifier")()
+        self.classifier = _lookup(CLASSIFIERS, self.config.classifier, "classifier")()
         self.geometry = TileGeometry(
             self.config.tile_px, self.config.halo_px, self.segmenter.um_per_px
         )
@@ -90,14 +98,14 @@ class Models:
         return {
             "run": self.config.to_dict(),
             "segmenter": self.segmenter.config(),
-            "classifier": self.rules.to_dict(),
+            "classifier": self.classifier.config(),
             "geometry": self.geometry.to_dict(),
         }
 
     @property
     def model_hash(self) -> str:
         return stable_hash(
-            {"segmenter": self.segmenter.config(), "classifier": self.rules.to_dict()}
+            {"segmenter": self.segmenter.config(), "classifier": self.classifier.config()}
         )
 
 
@@ -127,19 +135,24 @@ def segment_slide(
 def cells_table(
     columns: dict[str, np.ndarray],
     kinds: dict[int, int],
+    calls: CellCalls,
     models: Models,
     spec: SlideSpec,
     provenance: dict,
 ) -> pa.Table:
-    """Measurements + calls + provenance, in the cells schema's column order."""
+    """Measurements + calls + provenance, in the cells schema's column order.
+
+    Objects that are not red cells keep their kind as class and carry no probabilities.
+    """
     n = len(columns["cell_id"])
     kind = np.array([KIND_NAMES[kinds[int(i)]] for i in columns["cell_id"]], dtype=object)
-    calls = (
-        np.asarray(classify_rules(columns, models.rules), dtype=object)
-        if n
-        else np.array([], dtype=object)
-    )
-    calls = np.where(kind == "rbc", calls, kind)
+    is_rbc = kind == "rbc"
+    learned = {
+        "class": np.where(is_rbc, calls.classes, kind) if n else kind,
+        "class_probability": _masked(calls.probability, is_rbc),
+        "probabilities": _masked(calls.probabilities, is_rbc),
+        "embedding": _masked(calls.embedding, is_rbc),
+    }
     values = {
         "cohort": spec.cohort,
         "patient_id": spec.patient_id,
@@ -160,12 +173,20 @@ def cells_table(
             data = columns[f.name]
         elif f.name == "kind":
             data = kind
-        elif f.name == "class":
-            data = calls
+        elif f.name in learned:
+            data = learned[f.name]
         else:
             data = [values[f.name]] * n
-        arrays.append(pa.array(data, type=f.type))
+        arrays.append(pa.array(data, type=f.type) if data is not None else pa.nulls(n, f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _masked(values: np.ndarray | None, keep: np.ndarray) -> list | None:
+    """Per-row values where `keep`, None elsewhere; None when the classifier gives none."""
+    if values is None:
+        return None
+    rows = list(values) if values.ndim > 1 else values.tolist()
+    return [v if k else None for v, k in zip(rows, keep, strict=True)]
 
 
 class SlideProcessor:
@@ -209,7 +230,8 @@ class SlideProcessor:
         labels, kinds, stats = segment_slide(image, spec.um_per_px, self.models)
         t2 = time.perf_counter()
         columns = measure_cells(labels, image, spec.um_per_px, background_rgb=stats.background_rgb)
-        table = cells_table(columns, kinds, self.models, spec, self.provenance)
+        calls = self.models.classifier(columns, image, spec.um_per_px)
+        table = cells_table(columns, kinds, calls, self.models, spec, self.provenance)
         t3 = time.perf_counter()
         self.store.write_mask(
             spec.slide_id,

@@ -49,6 +49,12 @@ PROVENANCE_FIELDS: dict[str, pa.DataType] = {
 CALL_FIELDS: dict[str, pa.DataType] = {
     "kind": pa.string(),
     "class": pa.string(),
+    # Learned classifiers only (null for the rules and for non-RBC objects): the chosen class's
+    # probability, all probabilities in the classifier's class order (run.json lists it), and
+    # the penultimate-layer embedding that shift analysis reads.
+    "class_probability": pa.float32(),
+    "probabilities": pa.list_(pa.float32()),
+    "embedding": pa.list_(pa.float16()),
     "segmenter": pa.string(),
     "classifier": pa.string(),
     "model_hash": pa.string(),

@@ -30,6 +30,8 @@ def cells(slide_id: str, patient_id: str, rows: list[tuple[str, str, float]], ru
         elif f.name in ("slide_id", "patient_id", "run_id", "cohort"):
             data[f.name] = [{"slide_id": slide_id, "patient_id": patient_id, "run_id": run_id,
                              "cohort": "c"}[f.name]] * len(rows)
+        elif pa.types.is_list(f.type):
+            data[f.name] = [None] * len(rows)
         elif pa.types.is_string(f.type):
             data[f.name] = ["x"] * len(rows)
         elif pa.types.is_boolean(f.type):

@@ -49,6 +49,10 @@ def test_shared_vocabulary_is_unchanged():
         "microcyte",
         "macrocyte",
         "hypochromic",
+        "stomatocyte",
+        "ovalocyte",
+        "teardrop",
+        "burr",
         "other",
     )
     assert OBJECT_KINDS == {"rbc": 1, "wbc": 2, "platelet": 3}

@@ -122,8 +122,12 @@ def patients_sql(rules: ScreeningRules) -> str:
 
 
 def _empty_table(fields_: dict | pa.Schema) -> pa.Table:
+    """An empty table of this schema that DuckDB can register (it reads no Arrow float16)."""
     schema = fields_ if isinstance(fields_, pa.Schema) else pa.schema(list(fields_.items()))
-    return schema.empty_table()
+    half = pa.list_(pa.float16())
+    return pa.schema(
+        [f.with_type(pa.list_(pa.float32())) if f.type == half else f for f in schema]
+    ).empty_table()
 
 
 def connect(

@@ -1,5 +1,8 @@
 """DuckDB over a run's Parquet: the `cells`, `slides` and `patients` views, and the screening rules.
 
+Patient indicators use red cells that do not touch the image edge: a cut cell's size and shape
+are not its own (it would read as a small fragment).
+
 Only committed slides are visible: `slides` holds their commit records, and `cells` keeps the
 rows of those slides alone, so a query during or after a killed run never sees half a slide.
 Screening thresholds live in `ScreeningRules`, the one place to change them (or a YAML file
@@ -101,7 +104,7 @@ def patients_sql(rules: ScreeningRules) -> str:
                avg(diameter_um) AS diameter_mean_um,
                stddev_samp(diameter_um) AS diameter_sd_um,
                100.0 * stddev_samp(diameter_um) / avg(diameter_um) AS diameter_cv_pct
-        FROM cells WHERE kind = 'rbc' GROUP BY cohort, patient_id
+        FROM cells WHERE kind = 'rbc' AND NOT touches_edge GROUP BY cohort, patient_id
     ), joined AS (
         SELECT p.cohort, p.patient_id, p.site, p.label, p.n_slides,
                coalesce(r.n_rbc, 0) AS n_rbc,

@@ -259,6 +259,9 @@ def _default_data_dir() -> Path:
 @app.command()
 def evaluate(
     segmenter: str = typer.Option("classical", help="Segmenter to score."),
+    classifier: str = typer.Option(
+        "rules", help="Morphology classifier to score on synthetic cells."
+    ),
     data: Path = typer.Option(
         None, help="Folder holding anerbc_sample/ (default: ../shared/data beside the repository)."
     ),
@@ -273,15 +276,22 @@ def evaluate(
         ANERBC_UM_PER_PX,
         default_models,
         evaluate_anerbc,
+        evaluate_morphology,
         evaluate_synthetic,
         mean_row,
         synthetic_summary,
     )
 
-    models = default_models(segmenter)
+    models = default_models(segmenter, classifier)
     rows = evaluate_synthetic(models, synthetic_images)
-    _print_table(pa.Table.from_pylist(rows), f"{segmenter}: synthetic fields, RBC instances at IoU >= 0.5")
+    _print_table(
+        pa.Table.from_pylist(rows), f"{segmenter}: synthetic fields, RBC instances at IoU >= 0.5"
+    )
     _print_table(pa.Table.from_pylist([synthetic_summary(rows)]), f"{segmenter}: synthetic summary")
+    _print_table(
+        pa.Table.from_pylist(evaluate_morphology(models, synthetic_images)),
+        f"{classifier} morphology on {segmenter} segments matched to synthetic truth (held-out seed)",
+    )
     data = data or _default_data_dir()
     if not (data / "anerbc_sample").is_dir():
         console.print(

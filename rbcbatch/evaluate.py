@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from rbcbatch.measure import measure_cells
 from rbcbatch.metrics import foreground_scores, match_instances
 from rbcbatch.pipeline import Models, RunConfig, segment_slide
 from rbcbatch.sources import read_slide
@@ -60,6 +61,68 @@ def evaluate_synthetic(
     return rows
 
 
+def best_match(
+    pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
+) -> dict[int, int]:
+    """{predicted id: true id} for pairs whose IoU reaches the threshold (one-to-one above 0.5)."""
+    both = (pred_labels > 0) & (true_labels > 0)
+    pairs, inter = np.unique(
+        np.stack([pred_labels[both], true_labels[both]]).astype(np.int64),
+        axis=1,
+        return_counts=True,
+    )
+    area_p = np.bincount(pred_labels.ravel())
+    area_t = np.bincount(true_labels.ravel())
+    iou = inter / (area_p[pairs[0]] + area_t[pairs[1]] - inter)
+    keep = iou >= iou_threshold
+    return dict(zip(pairs[0][keep].tolist(), pairs[1][keep].tolist(), strict=True))
+
+
+def evaluate_morphology(
+    models: Models,
+    n_images: int = 24,
+    seed: int = SYNTH_EVAL_SEED,
+    height: int = 600,
+    width: int = 800,
+) -> list[dict]:
+    """Per-class recall and precision of the morphology call on segmented, matched red cells.
+
+    Runs the pipeline's own path (segment, measure, classify) on synthetic fields; a cell is
+    scored when its segment matches a true red cell at IoU >= 0.5 and it does not touch the
+    image edge (cut cells are left out of morphology, as in the `patients` view).
+    """
+    rng = np.random.default_rng(seed + 1)
+    true_classes, called = [], []
+    conditions, sites = ("normal", "hs", "ida"), tuple(SITES)
+    for i in range(n_images):
+        field = render_field(rng, conditions[i % 3], sites[(i // 3) % len(sites)], height, width)
+        um = SITES[sites[(i // 3) % len(sites)]]["um_per_px"]
+        labels, kinds, stats = segment_slide(field.image, um, models)
+        columns = measure_cells(labels, field.image, um, background_rgb=stats.background_rgb)
+        calls = models.classifier(columns, field.image, um)
+        truth = {c["cell_id"]: c["cell_class"] for c in field.cells if c["kind"] == "rbc"}
+        matches = best_match(labels, field.labels)
+        ids, edge = columns["cell_id"].tolist(), columns["touches_edge"].tolist()
+        for cell_id, cut, call in zip(ids, edge, calls.classes, strict=True):
+            if kinds.get(cell_id) == 1 and not cut and matches.get(cell_id) in truth:
+                true_classes.append(truth[matches[cell_id]])
+                called.append(str(call))
+    true_arr, call_arr = np.array(true_classes), np.array(called)
+    rows = []
+    for cls in sorted(set(true_classes), key=lambda c: (c != "spherocyte", c)):
+        tp = int(np.sum((true_arr == cls) & (call_arr == cls)))
+        rows.append(
+            {
+                "class": cls,
+                "true_cells": int(np.sum(true_arr == cls)),
+                "called": int(np.sum(call_arr == cls)),
+                "recall": tp / max(1, int(np.sum(true_arr == cls))),
+                "precision": tp / max(1, int(np.sum(call_arr == cls))),
+            }
+        )
+    return rows
+
+
 def anerbc_pairs(data_dir: Path, ids: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
     """(name, image, mask) for the AneRBC-I images with these numbers, both groups."""
     base = data_dir / "anerbc_sample" / "AneRBC-I"
@@ -103,5 +166,5 @@ def mean_row(rows: list[dict], label: str) -> dict:
     return {"image": label, **{k: float(np.nanmean([r[k] for r in rows])) for k in keys}}
 
 
-def default_models(segmenter: str = "classical") -> Models:
-    return Models(RunConfig(segmenter=segmenter))
+def default_models(segmenter: str = "classical", classifier: str = "rules") -> Models:
+    return Models(RunConfig(segmenter=segmenter, classifier=classifier))

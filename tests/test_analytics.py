@@ -25,6 +25,8 @@ def cells(slide_id: str, patient_id: str, rows: list[tuple[str, str, float]], ru
             data[f.name] = [r[1] for r in rows]
         elif f.name == "diameter_um":
             data[f.name] = [r[2] for r in rows]
+        elif f.name == "touches_edge":
+            data[f.name] = [len(r) > 3 and r[3] for r in rows]
         elif f.name == "cell_id":
             data[f.name] = list(range(1, len(rows) + 1))
         elif f.name in ("slide_id", "patient_id", "run_id", "cohort"):
@@ -46,7 +48,8 @@ def run_dir(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     store.open({"test": True}, "h1")
     a = [("rbc", "spherocyte", 6.0), ("rbc", "normal", 7.0), ("rbc", "normal", 8.0),
-         ("rbc", "microcyte", 5.0), ("wbc", "wbc", 12.0)]
+         ("rbc", "microcyte", 5.0), ("wbc", "wbc", 12.0),
+         ("rbc", "schistocyte", 3.0, True)]  # cut by the image edge: left out of indicators
     b = [("rbc", "normal", 7.0), ("rbc", "spherocyte", 6.0)]
     c1 = [("rbc", "normal", 7.0), ("rbc", "normal", 7.5)]
     c2 = [("rbc", "normal", 8.0), ("platelet", "platelet", 2.0)]
@@ -63,7 +66,7 @@ def run_dir(tmp_path):
 
 def test_cells_view_shows_committed_slides_only(run_dir):
     rows = query(run_dir, "SELECT slide_id, count(*) n FROM cells GROUP BY ALL ORDER BY 1").to_pylist()
-    assert rows == [{"slide_id": "A1", "n": 5}, {"slide_id": "B1", "n": 2}, {"slide_id": "C1", "n": 2},
+    assert rows == [{"slide_id": "A1", "n": 6}, {"slide_id": "B1", "n": 2}, {"slide_id": "C1", "n": 2},
                     {"slide_id": "C2", "n": 2}]
 
 

@@ -9,6 +9,7 @@ from rbcbatch.evaluate import (
     ANERBC_HELD_OUT,
     default_models,
     evaluate_anerbc,
+    evaluate_morphology,
     evaluate_synthetic,
     synthetic_summary,
 )
@@ -35,3 +36,10 @@ def test_classical_foreground_dice_on_held_out_anerbc(models):
     assert len(rows) == 6
     dice = np.array([r["dice"] for r in rows])
     assert dice.mean() >= 0.93 and dice.min() >= 0.88, dice
+
+
+def test_rules_find_spherocytes_among_segmented_cells(models):
+    rows = {r["class"]: r for r in evaluate_morphology(models, n_images=6, seed=7, height=360, width=480)}
+    assert rows["spherocyte"]["true_cells"] >= 20
+    assert rows["spherocyte"]["recall"] >= 0.85 and rows["spherocyte"]["precision"] >= 0.8
+    assert rows["normal"]["recall"] >= 0.85

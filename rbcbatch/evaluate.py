@@ -28,6 +28,16 @@ ANERBC_TUNED = ("001", "002", "003")
 SYNTH_EVAL_SEED = 20261123
 
 
+def synthetic_fields(n_images: int, seed: int, height: int, width: int):
+    """Yield (index, condition, site, µm/px, Field): conditions cycle, sites alternate by three."""
+    rng = np.random.default_rng(seed)
+    conditions, sites = ("normal", "hs", "ida"), tuple(SITES)
+    for i in range(n_images):
+        condition, site = conditions[i % 3], sites[(i // 3) % len(sites)]
+        field = render_field(rng, condition, site, height, width)
+        yield i, condition, site, SITES[site]["um_per_px"], field
+
+
 def evaluate_synthetic(
     models: Models,
     n_images: int = 24,
@@ -36,13 +46,8 @@ def evaluate_synthetic(
     width: int = 800,
 ) -> list[dict]:
     """Per image: RBC count error and instance F1 at IoU 0.5 against the generator's truth."""
-    rng = np.random.default_rng(seed)
     rows = []
-    conditions, sites = ("normal", "hs", "ida"), tuple(SITES)
-    for i in range(n_images):
-        condition, site = conditions[i % 3], sites[(i // 3) % len(sites)]
-        field = render_field(rng, condition, site, height, width)
-        um = SITES[site]["um_per_px"]
+    for i, condition, site, um, field in synthetic_fields(n_images, seed, height, width):
         labels, kinds, _ = segment_slide(field.image, um, models)
         true_rbc = [c["cell_id"] for c in field.cells if c["kind"] == "rbc"]
         pred_rbc = [i for i, k in kinds.items() if k == 1 and i in set(np.unique(labels))]
@@ -91,12 +96,8 @@ def evaluate_morphology(
     scored when its segment matches a true red cell at IoU >= 0.5 and it does not touch the
     image edge (cut cells are left out of morphology, as in the `patients` view).
     """
-    rng = np.random.default_rng(seed + 1)
     true_classes, called = [], []
-    conditions, sites = ("normal", "hs", "ida"), tuple(SITES)
-    for i in range(n_images):
-        field = render_field(rng, conditions[i % 3], sites[(i // 3) % len(sites)], height, width)
-        um = SITES[sites[(i // 3) % len(sites)]]["um_per_px"]
+    for _, _, _, um, field in synthetic_fields(n_images, seed + 1, height, width):
         labels, kinds, stats = segment_slide(field.image, um, models)
         columns = measure_cells(labels, field.image, um, background_rgb=stats.background_rgb)
         calls = models.classifier(columns, field.image, um)

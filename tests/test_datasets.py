@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from rbcbatch import calibrate as C
 from rbcbatch import datasets as D
 from rbcbatch.sources import sniff_format
 from rbcbatch.synth import render_field
@@ -218,14 +219,14 @@ def test_estimate_um_per_px_on_synthetic_field(site):
     from rbcbatch.synth import SITES
 
     field = render_field(np.random.default_rng(0), "normal", site, 600, 800)
-    est, n = D.estimate_um_per_px(field.image)
+    est, n = C.estimate_um_per_px(field.image)
     truth = SITES[site]["um_per_px"]
     assert n >= 20
     assert abs(est - truth) / truth < 0.10
 
 
 def test_estimate_um_per_px_blank_image():
-    est, n = D.estimate_um_per_px(np.full((100, 100, 3), 220, np.uint8))
+    est, n = C.estimate_um_per_px(np.full((100, 100, 3), 220, np.uint8))
     assert n == 0 and math.isnan(est)
 
 
@@ -262,7 +263,7 @@ def test_anerbc_masks_match_the_stained_cells(anerbc):
     assert abs(fractions["001_a"] - 0.35) < 0.01 and abs(fractions["001_h"] - 0.36) < 0.01
     # Right polarity and alignment: the mask agrees with the image's own stain threshold.
     image, mask = D.load_anerbc(anerbc[0])
-    assert (D._foreground(image) == mask).mean() > 0.95
+    assert (C._foreground(image) == mask).mean() > 0.95
 
 
 # --- BCCD -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class SlideSpec:
     uri: str
     patient_id: str
     site: str
-    um_per_px: float
+    um_per_px: float | None  # None: not in the catalog, estimated from the cells at run time
     cohort: str = "default"
     scanner: str = ""
     stain: str = ""
@@ -126,7 +126,7 @@ def _row_problem(row: dict, seen: dict[str, int]) -> str | None:
     if row["cohort"] and not is_safe_name(row["cohort"]):
         return f"cohort {row['cohort']!r} is not a safe name"
     if not row["um_per_px"]:
-        return "um_per_px is missing: give the slide's pixel size in µm"
+        return None  # unknown: the pipeline estimates it from the cells and says so
     try:
         um = float(row["um_per_px"])
     except ValueError:
@@ -160,7 +160,7 @@ def load_catalog(uri: str, storage_options: dict | None = None) -> Catalog:
                 uri=resolve_uri(row["uri"], uri),
                 patient_id=row["patient_id"],
                 site=row["site"],
-                um_per_px=float(row["um_per_px"]),
+                um_per_px=float(row["um_per_px"]) if row["um_per_px"] else None,
                 cohort=row["cohort"] or "default",
                 scanner=row["scanner"],
                 stain=row["stain"],

@@ -73,6 +73,8 @@ MANIFEST_FIELDS: dict[str, pa.DataType] = {
     "stain": pa.string(),
     "label": pa.string(),
     "um_per_px": pa.float64(),
+    "um_per_px_source": pa.string(),  # "catalog", or "estimated" from the cells
+    "calibration_cells": pa.int64(),  # cells the estimate rests on (0 when from the catalog)
     "width": pa.int64(),
     "height": pa.int64(),
     "n_objects": pa.int64(),

@@ -45,7 +45,7 @@ def test_duplicate_slide_id_rejects_the_second_row_only(tmp_path):
     assert "duplicate of catalog row 1" in cat.rejected[0].message
 
 
-@pytest.mark.parametrize("um, reason", [("", "um_per_px is missing"), ("abc", "not a number"), ("50", "outside")])
+@pytest.mark.parametrize("um, reason", [("abc", "not a number"), ("50", "outside"), ("-1", "outside")])
 def test_bad_pixel_size_is_rejected(tmp_path, um, reason):
     cat = load_catalog(str(write(tmp_path, f"s1,a.png,P1,s,{um},\n")))
     assert cat.slides == [] and reason in cat.rejected[0].message
@@ -71,3 +71,8 @@ def test_parquet_catalog(tmp_path):
 def test_safe_names():
     assert is_safe_name("P001_S1.v2")
     assert not any(is_safe_name(n) for n in ["", "..", "../x", "a/b", "-x", "a b", "x" * 200])
+
+
+def test_missing_pixel_size_is_left_for_calibration(tmp_path):
+    cat = load_catalog(str(write(tmp_path, "s1,a.png,P1,s,,\n")))
+    assert cat.rejected == [] and cat.slides[0].um_per_px is None

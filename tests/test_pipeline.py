@@ -196,3 +196,26 @@ def test_demo_agreement_against_truth(clean_run, tiny_cohort):
     flags = {r["flag"]: r for r in tables["screening flags vs synthetic truth"].to_pylist()}
     assert flags["hs_flag"]["tp"] + flags["hs_flag"]["fn"] + flags["hs_flag"]["insufficient"] >= 1
     assert flags["hs_flag"]["fp"] == 0
+
+
+def test_missing_pixel_size_is_estimated_and_recorded(tiny_cohort, ray_local, tmp_path):
+    lines = tiny_cohort.read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("um_per_px")
+    rows = []
+    for line in lines[1:3]:
+        cells = line.split(",")
+        cells[1] = str(tiny_cohort.parent / cells[1])
+        truth = float(cells[col])
+        cells[col] = ""
+        rows.append(",".join(cells))
+    catalog = tmp_path / "no_pixel_size.csv"
+    catalog.write_text("\n".join([lines[0], *rows]) + "\n")
+    summary = run(str(catalog), str(tmp_path / "run"))
+    assert summary.n_failed == 0
+    manifest = pq.read_table(tmp_path / "run" / "manifest.parquet").to_pylist()
+    for m in manifest:
+        assert m["um_per_px_source"] == "estimated" and m["calibration_cells"] >= 20
+        assert m["um_per_px"] == pytest.approx(truth, rel=0.15)
+    cells = read_cells(tmp_path / "run")
+    assert set(pc.unique(cells["um_per_px"]).to_pylist()) == {m["um_per_px"] for m in manifest}

@@ -110,8 +110,14 @@ def run_cmd(
     out: str = typer.Option(
         ..., "--out", help="Run folder; re-running into it resumes (committed slides are skipped)."
     ),
-    segmenter: str = typer.Option("classical", help="Segmenter: classical (Otsu + watershed)."),
-    classifier: str = typer.Option("rules", help="Morphology classifier: rules."),
+    segmenter: str = typer.Option(
+        "classical",
+        help="Segmenter: classical (OD threshold + watershed) or unet (learned, shipped weights).",
+    ),
+    classifier: str = typer.Option(
+        "rules",
+        help="Morphology classifier: rules (measured thresholds) or resnet (learned, shipped weights).",
+    ),
     workers: int = typer.Option(
         None, help="Actors in the pool (default: one per CPU in the cluster)."
     ),
@@ -293,6 +299,22 @@ def evaluate(
         f"{classifier} morphology on {segmenter} segments matched to synthetic truth (held-out seed)",
     )
     data = data or _default_data_dir()
+    if classifier == "resnet" and (data / "chula_rbc12").is_dir():
+        from rbcbatch.train_classifier import evaluate_classifier
+
+        scores = evaluate_classifier(
+            "resnet_cells", root=data / "chula_rbc12", confusion_png="classifier_confusion.png"
+        )
+        recall = scores.get("per_class_recall", {})
+        rows = [
+            {"class": c, "recall": recall[c]}
+            for c in sorted(recall, key=lambda c: (c != "spherocyte", c))
+        ]
+        _print_table(
+            pa.Table.from_pylist(rows),
+            f"resnet on the Chula RBC-12 test split: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}",
+        )
+        console.print("confusion matrix: classifier_confusion.png")
     if not (data / "anerbc_sample").is_dir():
         console.print(
             f"[yellow]AneRBC sample not found under {data}; skipping the real-image scores[/yellow]"
@@ -304,6 +326,47 @@ def evaluate(
             pa.Table.from_pylist(scored + [mean_row(scored, "mean")]),
             f"{segmenter}: AneRBC-I foreground vs given masks, {title} (assumed {ANERBC_UM_PER_PX} µm/px)",
         )
+
+
+@app.command()
+def train(
+    what: str = typer.Argument(..., help="segmenter or classifier"),
+    out: Path = typer.Option(
+        None, help="Weights file to write (default: the shipped one in rbcbatch/weights/)."
+    ),
+    seed: int = typer.Option(0, help="Random seed (data split, initialisation, augmentation)."),
+    minutes: float = typer.Option(
+        None, help="Wall-time budget; training stops at the best checkpoint so far."
+    ),
+    epochs: int = typer.Option(20, help="Classifier: epochs."),
+    steps: int = typer.Option(1000, help="Segmenter: optimiser steps."),
+) -> None:
+    """Reproduce the shipped weights: train a model and write its weights and model card.
+
+    Reads the real data from ../shared/data (or $RBCBATCH_SHARED_DATA); CPU works, a GPU is faster.
+    """
+    if what == "classifier":
+        from rbcbatch.train_classifier import SHIPPED_WEIGHTS, train_classifier
+
+        card = train_classifier(
+            out=out or SHIPPED_WEIGHTS,
+            epochs=epochs,
+            seed=seed,
+            time_limit_s=minutes * 60 if minutes else None,
+        )
+    elif what == "segmenter":
+        from rbcbatch.models import WEIGHTS_DIR
+        from rbcbatch.train_segmenter import train_segmenter
+
+        card = train_segmenter(
+            out_weights=out or WEIGHTS_DIR / "unet_rbc.safetensors",
+            seed=seed,
+            steps=steps,
+            **({"minutes": minutes} if minutes else {}),
+        )
+    else:
+        _fail(f"unknown model {what!r}; choose segmenter or classifier")
+    out_console.print_json(data=card.metrics)
 
 
 @app.command()

@@ -393,6 +393,19 @@ class RunSummary:
         return len(self.failed)
 
 
+def actor_pool_shape(
+    config: RunConfig, cluster: dict, workers: int | None, pending: int
+) -> tuple[int, dict]:
+    """Pool size and per-actor resources: one GPU per actor for learned models where GPUs
+    exist, else one CPU per actor; never more actors than slides."""
+    learned = config.segmenter != "classical" or config.classifier != "rules"
+    gpus = int(cluster.get("GPU", 0))
+    if learned and gpus:
+        return max(1, min(workers or gpus, gpus, pending)), {"num_gpus": 1, "num_cpus": 1}
+    cpus = int(cluster.get("CPU", 1))
+    return max(1, min(workers or cpus, pending)), {"num_cpus": 1}
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -460,8 +473,7 @@ def run(
         connect_ray(address)
         import ray
 
-        cpus = int(ray.available_resources().get("CPU", 1))
-        size = max(1, min(workers or cpus, len(pending)))
+        size, resources = actor_pool_shape(config, ray.cluster_resources(), workers, len(pending))
         items = [s.to_dict() for s in pending]
         blocks = max(1, len(items) // slides_per_batch)
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
@@ -473,8 +485,8 @@ def run(
                 "run_id": run_id,
             },
             batch_size=slides_per_batch,
-            num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=size),
+            **resources,
         )
         for row in ds.iter_rows():
             row = dict(row)

@@ -219,3 +219,13 @@ def test_missing_pixel_size_is_estimated_and_recorded(tiny_cohort, ray_local, tm
         assert m["um_per_px"] == pytest.approx(truth, rel=0.15)
     cells = read_cells(tmp_path / "run")
     assert set(pc.unique(cells["um_per_px"]).to_pylist()) == {m["um_per_px"] for m in manifest}
+
+
+def test_actor_pool_takes_gpus_for_learned_models_only():
+    from rbcbatch.pipeline import RunConfig, actor_pool_shape
+
+    cluster = {"CPU": 16.0, "GPU": 2.0}
+    assert actor_pool_shape(RunConfig(), cluster, None, 100) == (16, {"num_cpus": 1})
+    learned = RunConfig(classifier="resnet")
+    assert actor_pool_shape(learned, cluster, None, 100) == (2, {"num_gpus": 1, "num_cpus": 1})
+    assert actor_pool_shape(learned, {"CPU": 2.0}, None, 1) == (1, {"num_cpus": 1})

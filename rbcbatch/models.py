@@ -39,23 +39,50 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
-def _resnet_cells(num_classes: int, embedding_dim: int = 64):
-    """torchvision ResNet-18 trunk, a small embedding layer, then the class head.
+def _resnet18_trunk(width: int = 64, stem_pool: bool = True):
+    """torchvision ResNet-18 (BasicBlock ×[2, 2, 2, 2]) without its fc; stage widths w, 2w, 4w, 8w.
+
+    width 64 is torchvision's resnet18 exactly; a narrower trunk rebuilds the stem and stages
+    with torchvision's own blocks and init. ``stem_pool=False`` drops the stem's max-pool (twice
+    the feature-map resolution for small crops, ~4x the compute).
+    """
+    from torch import nn
+    from torchvision.models import resnet18
+    from torchvision.models.resnet import BasicBlock
+
+    trunk = resnet18(weights=None)
+    if width != 64:
+        trunk.inplanes = width
+        trunk.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        trunk.bn1 = nn.BatchNorm2d(width)
+        for i in range(4):
+            stage = trunk._make_layer(BasicBlock, width * 2**i, 2, stride=1 if i == 0 else 2)
+            setattr(trunk, f"layer{i + 1}", stage)
+        for m in trunk.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if not stem_pool:
+        trunk.maxpool = nn.Identity()
+    trunk.fc = nn.Identity()
+    return trunk
+
+
+def _resnet_cells(
+    num_classes: int, embedding_dim: int = 64, width: int = 64, stem_pool: bool = True
+):
+    """ResNet-18 trunk (``_resnet18_trunk``), a small embedding layer, then the class head.
 
     Input: float N×3×H×W (crops normalised to µm); returns (logits N×C, embedding N×D).
     """
     import torch
     from torch import nn
-    from torchvision.models import resnet18
 
     class ResNetCells(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            trunk = resnet18(weights=None)
-            trunk.fc = nn.Identity()
-            self.trunk = trunk
+            self.trunk = _resnet18_trunk(width, stem_pool)
             self.embed = nn.Sequential(
-                nn.Linear(512, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU()
+                nn.Linear(8 * width, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU()
             )
             self.head = nn.Linear(embedding_dim, num_classes)
 
@@ -66,11 +93,39 @@ def _resnet_cells(num_classes: int, embedding_dim: int = 64):
     return ResNetCells()
 
 
-def _unet(encoder_name: str = "resnet18", classes: int = 5):
-    """segmentation-models-pytorch U-Net, trained from scratch (no downloadable weights)."""
+def _unet(
+    encoder_name: str = "resnet18",
+    classes: int = 5,
+    decoder: str = "unet",
+    encoder_depth: int = 5,
+    decoder_channels: list[int] | None = None,
+):
+    """segmentation-models-pytorch encoder-decoder (U-Net or LinkNet), trained from scratch.
+
+    ``encoder_depth`` < 5 drops the deepest ResNet stages; they are deleted from the module so
+    that the weights file holds only what the forward pass uses. ``decoder_channels`` is for the
+    U-Net decoder only (one entry per encoder stage).
+    """
     import segmentation_models_pytorch as smp
 
-    return smp.Unet(encoder_name=encoder_name, encoder_weights=None, in_channels=3, classes=classes)
+    common = dict(
+        encoder_name=encoder_name,
+        encoder_weights=None,
+        in_channels=3,
+        classes=classes,
+        encoder_depth=encoder_depth,
+    )
+    if decoder == "unet":
+        channels = decoder_channels or [256, 128, 64, 32, 16][-encoder_depth:]
+        model = smp.Unet(**common, decoder_channels=list(channels))
+    elif decoder == "linknet":
+        model = smp.Linknet(**common)
+    else:
+        raise ValueError(f"unknown decoder {decoder!r}; expected 'unet' or 'linknet'")
+    if encoder_name.startswith("resnet"):
+        for stage in range(encoder_depth, 5):  # ResNet layer k is encoder stage k + 1
+            delattr(model.encoder, f"layer{stage}")
+    return model
 
 
 # Architecture name -> builder(**card.kwargs). Plain dict: an unknown name is a KeyError listing the options.

@@ -54,7 +54,7 @@ def evaluate_synthetic(
         scores = match_instances(labels, field.labels, 0.5, true_ids=true_rbc, pred_ids=pred_rbc)
         rows.append(
             {
-                "image": i,
+                "image": f"synthetic-{i:02d}",
                 "condition": condition,
                 "site": site,
                 "true_rbc": len(true_rbc),

@@ -63,7 +63,9 @@ def test_outputs_follow_the_contract(clean_run, tiny_cohort):
         ids = slide["cell_id"].to_numpy()
         cy = np.round(slide["centroid_y"].to_numpy()).astype(int).clip(0, labels.shape[0] - 1)
         cx = np.round(slide["centroid_x"].to_numpy()).astype(int).clip(0, labels.shape[1] - 1)
-        rbc = (slide["kind"].to_numpy(zero_copy_only=False) == "rbc") & (slide["solidity"].to_numpy() > 0.9)
+        rbc = (slide["kind"].to_numpy(zero_copy_only=False) == "rbc") & (
+            slide["solidity"].to_numpy() > 0.9
+        )
         assert (labels[cy, cx] == ids)[rbc].mean() > 0.97
         ome = group.attrs["ome"]["multiscales"][0]
         assert ome["datasets"][0]["coordinateTransformations"][0]["scale"] == [m["um_per_px"]] * 2
@@ -88,7 +90,7 @@ def write_bad_inputs(folder: Path, good_catalog: Path) -> Path:
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.png").write_text("this is not an image\n")
-    png = (folder / "huge.png")
+    png = folder / "huge.png"
     from tests.test_sources import huge_png_header
 
     png.write_bytes(huge_png_header(80_000, 80_000))
@@ -140,12 +142,22 @@ def test_each_bad_input_is_one_failure_and_the_rest_finish(tiny_cohort, ray_loca
 
 def test_cli_exit_status_counts_failures(tiny_cohort, tmp_path):
     catalog = write_bad_inputs(tmp_path, tiny_cohort)
-    proc = subprocess.run([*RBCBATCH, "run", str(catalog), "--out", str(tmp_path / "run"), "--workers", "1"],
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        [*RBCBATCH, "run", str(catalog), "--out", str(tmp_path / "run"), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 1, proc.stderr
     assert "8 of 10 slide(s) failed" in proc.stderr
-    ok = subprocess.run([*RBCBATCH, "query", str(tmp_path / "run"), "SELECT count(*) AS n FROM slides", "--csv"],
-                        capture_output=True, text=True, timeout=120, env=_env())
+    ok = subprocess.run(
+        [*RBCBATCH, "query", str(tmp_path / "run"), "SELECT count(*) AS n FROM slides", "--csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert ok.returncode == 0 and ok.stdout.splitlines() == ['"n"', "2"]
 
 
@@ -157,9 +169,13 @@ def test_resume_after_a_real_kill_gives_the_clean_run(clean_run, tiny_cohort, tm
     """Kill `rbcbatch run` (and its Ray) mid-run with SIGKILL, run again, compare with a clean run."""
     clean_out, _ = clean_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([*RBCBATCH, "run", str(tiny_cohort), "--out", str(out), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*RBCBATCH, "run", str(tiny_cohort), "--out", str(out), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     committed = out / "_slides"
     while time.monotonic() < deadline:
@@ -229,3 +245,28 @@ def test_actor_pool_takes_gpus_for_learned_models_only():
     learned = RunConfig(classifier="resnet")
     assert actor_pool_shape(learned, cluster, None, 100) == (2, {"num_gpus": 1, "num_cpus": 1})
     assert actor_pool_shape(learned, {"CPU": 2.0}, None, 1) == (1, {"num_cpus": 1})
+
+
+def test_learned_classifier_writes_probabilities_and_embeddings(tiny_cohort, ray_local, tmp_path):
+    from rbcbatch.pipeline import RunConfig
+
+    lines = tiny_cohort.read_text().splitlines()
+    rows = [
+        ",".join(
+            [c if j != 1 else str(tiny_cohort.parent / c) for j, c in enumerate(line.split(","))]
+        )
+        for line in lines[1:3]
+    ]
+    catalog = tmp_path / "two.csv"
+    catalog.write_text("\n".join([lines[0], *rows]) + "\n")
+    summary = run(str(catalog), str(tmp_path / "run"), RunConfig(classifier="resnet"))
+    assert summary.n_failed == 0
+    cells = read_cells(tmp_path / "run")
+    rbc = cells.filter(pc.equal(cells["kind"], "rbc"))
+    assert rbc.num_rows > 50
+    probs = np.array(rbc["probabilities"].to_pylist(), dtype=np.float64)
+    assert probs.shape[1] == 13 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    assert np.allclose(probs.max(axis=1), rbc["class_probability"].to_numpy(), atol=1e-6)
+    assert {len(e) for e in rbc["embedding"].to_pylist()} == {64}
+    other = cells.filter(pc.not_equal(cells["kind"], "rbc"))
+    assert other["embedding"].null_count == other.num_rows

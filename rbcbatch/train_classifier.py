@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from rbcbatch.classify import crops_to_tensor, normalise_crops, predict_crops
 from rbcbatch.datasets import (
     CHULA_CLASSES,
     CHULA_UM_PER_PX,
@@ -72,9 +73,6 @@ OUT_PX = 64
 EMBEDDING_DIM = 64  # the pipeline's per-cell embedding width (models._resnet_cells default)
 SPLIT_SEED = 0  # chula_split seed of the published numbers
 
-# Per-crop normalisation: a floor on the channel SD so that an empty (flat) crop stays finite
-# (intensities in [0, 1]; a real crop's channel SD is ~0.1).
-NORM_MIN_SD = 0.02
 
 # Augmentation ranges. Stain: per-channel optical-density scale; the synthetic sites differ by
 # up to ~x1.6 in one channel's RBC OD (synth.SITES site_a vs site_b), so ±30% per channel with a
@@ -249,24 +247,6 @@ def synthetic_crops(
 # ---------------------------------------------------------------------------------------------
 
 
-def crops_to_tensor(crops: np.ndarray):
-    """uint8 N×H×W×3 RGB -> float32 torch tensor N×3×H×W in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def normalise_crops(x):
-    """Per-crop, per-channel standardisation of float N×3×H×W in [0, 1] (same shape, float32).
-
-    Removes stain strength and illumination differences between sites; shapes (pallor, rim,
-    outline) survive because the transform is affine per channel.
-    """
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    sd = x.std(dim=(2, 3), keepdim=True).clamp_min(NORM_MIN_SD)
-    return (x - mean) / sd
-
-
 def _uniform(gen, n: int, lo: float, hi: float, *shape: int):
     """Uniform float32 tensor (n, *shape) in [lo, hi) from a torch generator."""
     import torch
@@ -405,42 +385,6 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 # ---------------------------------------------------------------------------------------------
 # Inference
 # ---------------------------------------------------------------------------------------------
-
-
-def _dihedral(x, k: int):
-    """The k-th of the 8 rotations/flips of a square N×3×H×W batch (k in 0-7)."""
-    x = x.flip(3) if k >= 4 else x
-    return x.rot90(k % 4, dims=(2, 3))
-
-
-def predict_crops(model, crops_uint8: np.ndarray, batch_size: int = 256, tta: bool = False):
-    """Class probabilities and embeddings of cell crops, batched under inference mode.
-
-    crops_uint8: uint8 N×H×W×3 RGB, cut with ``cell_crops`` at the card's µm/px and input_px.
-    ``tta`` averages probabilities and embeddings over the 8 rotations/flips (8x the time).
-    Returns (probs float32 N×C summing to 1, embedding float32 N×D).
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    n_classes, dim = model.head.out_features, model.head.in_features
-    probs, embs = [np.empty((0, n_classes), np.float32)], [np.empty((0, dim), np.float32)]
-    views = range(8) if tta else range(1)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(crops_uint8), batch_size):
-            x = normalise_crops(crops_to_tensor(crops_uint8[start : start + batch_size]))
-            x = x.to(device)
-            p, e = 0.0, 0.0
-            for k in views:
-                logits, emb = model(_dihedral(x, k))
-                p = p + torch.softmax(logits.float(), dim=1) / len(views)
-                e = e + emb.float() / len(views)
-            probs.append(p.cpu().numpy())
-            embs.append(e.cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(probs), np.concatenate(embs)
 
 
 def _predict_labels(model, x: np.ndarray) -> np.ndarray:

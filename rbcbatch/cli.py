@@ -305,9 +305,9 @@ def evaluate(
         scores = evaluate_classifier(
             "resnet_cells", root=data / "chula_rbc12", confusion_png="classifier_confusion.png"
         )
-        recall = scores.get("per_class_recall", {})
+        recall, f1 = scores["recall"], scores["f1"]
         rows = [
-            {"class": c, "recall": recall[c]}
+            {"class": c, "recall": recall[c], "f1": f1[c]}
             for c in sorted(recall, key=lambda c: (c != "spherocyte", c))
         ]
         _print_table(

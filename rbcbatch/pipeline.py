@@ -133,30 +133,22 @@ def prepare_slide(image: np.ndarray, um_per_px: float, models: Models) -> SlideW
 
 
 def segment_tiles(works: list[SlideWork], models: Models, tile_batch: int = 16) -> list[list]:
-    """Segment every tile of several slides, batching tiles across slides for the model.
+    """Segment every tile of several slides; returns, per slide, its Segmentations in tile order.
 
-    Returns, per slide, its tiles' Segmentations in tile order. Segmenters without a batch
-    method (the classical one) are called tile by tile.
+    Segmenters with a batch method get up to `tile_batch` tiles of one slide at a time (a batch
+    shares the slide's statistics); the classical one is called tile by tile.
     """
-    jobs = [(w, t) for w in works for t in w.tiles]
-    results = []
     batch_fn = getattr(models.segmenter, "segment_batch", None)
-    for start in range(0, len(jobs), tile_batch):
-        chunk = jobs[start : start + tile_batch]
-        crops = [np.ascontiguousarray(w.work[t.outer_slices]) for w, t in chunk]
-        if batch_fn is not None and len({id(w) for w, _ in chunk}) == 1:
-            results.extend(batch_fn(crops, chunk[0][0].stats))
-        elif batch_fn is not None:
-            for crop, (w, _) in zip(crops, chunk, strict=True):
-                results.extend(batch_fn([crop], w.stats))
-        else:
-            results.extend(
-                models.segmenter(crop, w.stats) for crop, (w, _) in zip(crops, chunk, strict=True)
-            )
-    per_slide, offset = [], 0
+    per_slide = []
     for w in works:
-        per_slide.append(results[offset : offset + len(w.tiles)])
-        offset += len(w.tiles)
+        crops = [np.ascontiguousarray(w.work[t.outer_slices]) for t in w.tiles]
+        if batch_fn is None:
+            per_slide.append([models.segmenter(crop, w.stats) for crop in crops])
+            continue
+        segs = []
+        for start in range(0, len(crops), tile_batch):
+            segs.extend(batch_fn(crops[start : start + tile_batch], w.stats))
+        per_slide.append(segs)
     return per_slide
 
 

@@ -257,41 +257,41 @@ class SlideProcessor:
         ]
         ready = []
         for spec in specs:
-            outcome = self._guard(spec, self.read, spec)
-            if outcome is not None:
+            outcome, failure = self._guard(spec, self.read, spec)
+            if failure is None:
                 ready.append(outcome)
             else:
-                self._report(out, spec, None)
+                self._report(out, spec, None, failure)
         started = time.perf_counter()
         try:
             segmented = segment_tiles([work for _, _, work, _ in ready], self.models)
         except Exception:  # isolate the slide that broke the batch: go one by one
             segmented = [None] * len(ready)
+        elapsed = time.perf_counter() - started
         total_tiles = max(1, sum(len(work.tiles) for _, _, work, _ in ready))
         for _, _, work, timing in ready:  # the batch's model time, shared out by tiles
-            timing["batch_segment_s"] = (
-                (time.perf_counter() - started) * len(work.tiles) / total_tiles
-            )
+            timing["batch_segment_s"] = elapsed * len(work.tiles) / total_tiles
         for (spec, image, work, timing), segs in zip(ready, segmented, strict=True):
-            record = self._guard(spec, self.finish, spec, image, work, segs, timing)
-            self._report(out, spec, record)
+            record, failure = self._guard(spec, self.finish, spec, image, work, segs, timing)
+            self._report(out, spec, record, failure)
         return out
 
-    def _guard(self, spec: SlideSpec, fn, *args):
-        """Run one slide's step; an exception becomes its failures row and None."""
+    def _guard(self, spec: SlideSpec, fn, *args) -> tuple[object, Failure | None]:
+        """Run one slide's step: (its result, None), or (None, the failure it recorded)."""
         try:
-            return fn(*args)
+            return fn(*args), None
         except Exception as exc:  # one bad slide is a failures row, never a lost run
             failure = Failure.from_exception(spec.slide_id, spec.uri, "process", exc)
             self.store.record_failure(failure, self.provenance["run_id"], f"slide-{spec.slide_id}")
-            self._last_failure = failure
-            return None
+            return None, failure
 
-    def _report(self, out: dict[str, list], spec: SlideSpec, record: dict | None) -> None:
+    @staticmethod
+    def _report(
+        out: dict[str, list], spec: SlideSpec, record: dict | None, failure: Failure | None
+    ) -> None:
         out["slide_id"].append(spec.slide_id)
-        out["status"].append("ok" if record else "failed")
-        out["n_objects"].append(record["n_objects"] if record else 0)
-        failure = None if record else self._last_failure
+        out["status"].append("failed" if failure else "ok")
+        out["n_objects"].append(0 if failure else record["n_objects"])
         out["message"].append(f"{failure.stage}: {failure.message}" if failure else "")
 
     def read(self, spec: SlideSpec) -> tuple:

@@ -355,13 +355,15 @@ def train(
             time_limit_s=minutes * 60 if minutes else None,
         )
     elif what == "segmenter":
+        from dataclasses import replace
+
         from rbcbatch.models import WEIGHTS_DIR
-        from rbcbatch.train_segmenter import train_segmenter
+        from rbcbatch.train_segmenter import MAIN_PHASE, train_segmenter
 
         card = train_segmenter(
             out_weights=out or WEIGHTS_DIR / "unet_rbc.safetensors",
             seed=seed,
-            steps=steps,
+            phase=replace(MAIN_PHASE, steps=steps),
             **({"minutes": minutes} if minutes else {}),
         )
     else:
@@ -383,6 +385,60 @@ def schemas(
     for p in problems:
         console.print(f"[red]{p}[/red]")
     raise typer.Exit(1 if problems else 0)
+
+
+@app.command("run-job")
+def run_job_cmd(
+    spec: str = typer.Argument(..., help="Job spec YAML: a path or a URL (see jobs/README.md)."),
+) -> None:
+    """Run a job spec here: screening, nightly (only slides not committed yet) or training.
+
+    Exit status: 0 when the job is done, 1 when some slides failed, 2 for a bad spec, a
+    configuration error, or a job kind this version cannot run.
+    """
+    from rbcbatch.jobs import load_spec, run_job
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    try:
+        outcome = run_job(load_spec(spec), say=say)
+    except (RbcbatchError, KeyError, ValueError) as e:
+        _fail(str(e).strip("'\""))
+    for line in outcome.lines:
+        say(line)
+    raise typer.Exit(outcome.exit_code)
+
+
+@app.command()
+def submit(
+    spec: str = typer.Argument(
+        ..., help="Job spec YAML: a local file (sent with the job) or a URL the cluster can read."
+    ),
+    address: str = typer.Option(
+        ...,
+        "--address",
+        envvar="RAY_ADDRESS",
+        help="The cluster's Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS).",
+    ),
+) -> None:
+    """Check a job spec, then run it on a Ray cluster (`rbcbatch run-job SPEC` via the Jobs API).
+
+    Its locations must be URLs (s3://...) or absolute paths that every node can read.
+    Prints the submission id.
+    """
+    from rbcbatch.jobs import submit as submit_job
+
+    try:
+        job_id = submit_job(spec, address)
+    except RbcbatchError as e:
+        _fail(str(e))
+    out_console.print(job_id)
+    console.print(
+        f"submitted {spec}; follow it with: ray job logs {job_id} --address {address} --follow",
+        markup=False,
+        highlight=False,
+    )
 
 
 def main() -> None:  # pragma: no cover

@@ -42,6 +42,15 @@ class WeightsError(RbcbatchError):
     """A model's weights file is missing, corrupt or does not match its card."""
 
 
+class JobSpecError(RbcbatchError):
+    """A job spec is not a valid job; each problem names its field by JSON path ($.catalog)."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
 @dataclass(frozen=True)
 class Failure:
     """One row of failures.parquet: which slide, at which stage, and why."""

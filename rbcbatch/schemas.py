@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from rbcbatch.catalog import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from rbcbatch.jobs import job_schema
 from rbcbatch.sinks import FAILURE_FIELDS, MANIFEST_FIELDS, cells_schema, schema_document
 
 
@@ -39,6 +40,7 @@ def documents() -> dict[str, dict]:
         "failures.schema.json": schema_document(
             pa.schema(list(FAILURE_FIELDS.items())), "failures"
         ),
+        "job.schema.json": job_schema(),
     }
 
 

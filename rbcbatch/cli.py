@@ -71,9 +71,10 @@ def run_catalog(
     address: str | None,
     new_config: bool,
     quiet: bool = False,
+    stall_timeout: float | None = None,
 ):
     """Run the pipeline with a progress bar; returns the RunSummary."""
-    from rbcbatch.pipeline import RunConfig, run
+    from rbcbatch.pipeline import STALL_TIMEOUT_S, RunConfig, run
 
     config = RunConfig(segmenter=segmenter, classifier=classifier)
     state = {"objects": 0, "failed": 0}
@@ -98,6 +99,7 @@ def run_catalog(
             address=address,
             workers=workers,
             new_config=new_config,
+            stall_timeout_s=STALL_TIMEOUT_S if stall_timeout is None else stall_timeout,
             on_start=on_start,
             on_slide=on_slide,
         )
@@ -129,6 +131,12 @@ def run_cmd(
         "--new-config",
         help="Allow a changed configuration in an existing run folder; every slide is redone.",
     ),
+    stall_timeout: float = typer.Option(
+        None,
+        "--stall-timeout",
+        help="Stop with an error when no slide moves through the workers for this many seconds "
+        "(default 1800; 0 waits forever). Committed slides are kept; re-run to resume.",
+    ),
 ) -> None:
     """Segment, measure and classify every red cell of a catalog's slides.
 
@@ -136,7 +144,16 @@ def run_cmd(
     OUT/failures.parquet), 2 for a usage or configuration error.
     """
     try:
-        summary = run_catalog(catalog, out, segmenter, classifier, workers, address, new_config)
+        summary = run_catalog(
+            catalog,
+            out,
+            segmenter,
+            classifier,
+            workers,
+            address,
+            new_config,
+            stall_timeout=stall_timeout,
+        )
     except (RbcbatchError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
     console.print(

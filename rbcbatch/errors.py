@@ -51,6 +51,11 @@ class JobSpecError(RbcbatchError):
         self.problems = problems
 
 
+class RunStalledError(RbcbatchError):
+    """No slide moved through the pool for the stall timeout: the cluster cannot finish the run
+    (a lost node nothing replaces, a read that never returns). Committed slides stay committed."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """One row of failures.parquet: which slide, at which stage, and why."""

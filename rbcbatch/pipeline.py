@@ -24,7 +24,7 @@ from rbcbatch import __version__
 from rbcbatch.calibrate import estimate_um_per_px
 from rbcbatch.catalog import SlideSpec, load_catalog
 from rbcbatch.classify import CellCalls, ResNetClassifier, RulesClassifier
-from rbcbatch.errors import Failure, RbcbatchError, SlideError
+from rbcbatch.errors import Failure, RbcbatchError, RunStalledError, SlideError
 from rbcbatch.measure import measure_cells
 from rbcbatch.segment import ClassicalSegmenter, estimate_slide_stats
 from rbcbatch.sinks import RunStore, cells_schema, now_iso
@@ -398,6 +398,30 @@ def actor_pool_shape(
     return max(1, min(workers or cpus, pending)), {"num_cpus": 1}
 
 
+# Seconds without any slide batch entering or leaving the worker pool after which a run is
+# declared stuck. Ray Data's own default (30 min), so a legitimately slow batch of large slides
+# is not cut short; a lost node that nothing replaces ends the run instead of hanging it.
+STALL_TIMEOUT_S = 1800.0
+
+
+def ray_stall_timeout(stall_timeout_s: float | None) -> float:
+    """Ray Data's no-progress timeout for a stall timeout in seconds (None or ≤ 0: never)."""
+    return float(stall_timeout_s) if stall_timeout_s and stall_timeout_s > 0 else -1.0
+
+
+def stalled_message(timeout_s: float, pending: list[str], finished: set[str]) -> str:
+    """What a stuck run tells the person who started it: how far it got and what to do."""
+    left = [slide_id for slide_id in pending if slide_id not in finished]
+    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    return (
+        f"no slide moved through the worker pool for {timeout_s:g} s: "
+        f"{len(pending) - len(left)} of {len(pending)} slides finished, not finished: {shown}. "
+        "The cluster may have lost a node that nothing replaced (or lacks the CPUs/GPUs the "
+        "actors need), or a read never returned. Committed slides are kept; run again to resume, "
+        "or raise the stall timeout if one batch of slides really takes this long."
+    )
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
@@ -434,10 +458,15 @@ def run(
     storage_options: dict | None = None,
     new_config: bool = False,
     slides_per_batch: int = 2,
+    stall_timeout_s: float | None = STALL_TIMEOUT_S,
     on_start: Callable[[int, int], None] | None = None,
     on_slide: Callable[[dict], None] | None = None,
 ) -> RunSummary:
-    """Process every uncommitted slide of a catalog into `out`; resumable and idempotent."""
+    """Process every uncommitted slide of a catalog into `out`; resumable and idempotent.
+
+    Survives the loss of worker nodes while others (or replacements) can take over the actors;
+    raises RunStalledError when no slide batch moves for `stall_timeout_s` (None: wait forever).
+    """
     config = config or RunConfig()
     started = time.perf_counter()
     catalog = load_catalog(catalog_uri, storage_options)
@@ -464,6 +493,7 @@ def run(
     if pending:
         connect_ray(address)
         import ray
+        from ray.data.exceptions import ExecutionTimeoutError
 
         size, resources = actor_pool_shape(config, ray.cluster_resources(), workers, len(pending))
         items = [s.to_dict() for s in pending]
@@ -478,15 +508,28 @@ def run(
             },
             batch_size=slides_per_batch,
             compute=ray.data.ActorPoolStrategy(size=size),
+            # Only CPU/GPU counts, never a node-specific resource: an actor lost with its node is
+            # restarted wherever a CPU/GPU is free, and the batches it held are retried there
+            # (Ray Data's actor-pool defaults, max_restarts=-1 and max_task_retries=-1; passing
+            # them here is deprecated). A redone slide overwrites what its lost attempt left:
+            # its outputs go to fixed paths and its commit record is written last.
             **resources,
         )
-        for row in ds.iter_rows():
-            row = dict(row)
-            objects += int(row["n_objects"])
-            if row["status"] != "ok":
-                failed.append(row)
-            if on_slide:
-                on_slide(row)
+        ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
+        finished: set[str] = set()
+        try:
+            for row in ds.iter_rows():
+                row = dict(row)
+                finished.add(row["slide_id"])
+                objects += int(row["n_objects"])
+                if row["status"] != "ok":
+                    failed.append(row)
+                if on_slide:
+                    on_slide(row)
+        except ExecutionTimeoutError as e:
+            store.finalize()  # the manifest shows what was committed before the stall
+            pending_ids = [s.slide_id for s in pending]
+            raise RunStalledError(stalled_message(stall_timeout_s, pending_ids, finished)) from e
     store.finalize()
     if not pending and not catalog.slides and not catalog.rejected:
         raise RbcbatchError(f"catalog {catalog_uri} has no rows")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import fsspec
@@ -73,7 +75,7 @@ MANIFEST_FIELDS: dict[str, pa.DataType] = {
     "stain": pa.string(),
     "label": pa.string(),
     "um_per_px": pa.float64(),
-    "um_per_px_source": pa.string(),  # "catalog", or "estimated" from the cells
+    "um_per_px_source": pa.string(),  # "catalog", "file" (the slide's own), or "estimated"
     "calibration_cells": pa.int64(),  # cells the estimate rests on (0 when from the catalog)
     "width": pa.int64(),
     "height": pa.int64(),
@@ -87,6 +89,8 @@ MANIFEST_FIELDS: dict[str, pa.DataType] = {
     "segment_s": pa.float64(),
     "measure_s": pa.float64(),
     "write_s": pa.float64(),
+    # Peak resident memory of the worker process up to this slide's commit (ru_maxrss).
+    "peak_rss_mb": pa.float64(),
     "finished_at": pa.string(),
 }
 
@@ -113,6 +117,64 @@ def schema_document(schema: pa.Schema, name: str) -> dict:
         "name": name,
         "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
     }
+
+
+def mask_level_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Shapes of a mask's pyramid: each level halves the last (rounding up, as [::2, ::2]) until
+    its longest side is at most PYRAMID_MIN_SIDE, MAX_PYRAMID_LEVELS at most."""
+    shapes = [(int(shape[0]), int(shape[1]))]
+    while len(shapes) < MAX_PYRAMID_LEVELS and max(shapes[-1]) > PYRAMID_MIN_SIDE:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def mask_attrs(slide_id: str, um_per_px: float, n_levels: int, attrs: dict) -> dict:
+    """OME-Zarr 0.5 label metadata of a mask pyramid (µm scale per level) plus rbcbatch's own."""
+    datasets = [
+        {
+            "path": str(index),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [um_per_px * 2**index, um_per_px * 2**index]}
+            ],
+        }
+        for index in range(n_levels)
+    ]
+    return {
+        "ome": {
+            "version": "0.5",
+            "multiscales": [
+                {
+                    "name": slide_id,
+                    "axes": [
+                        {"name": "y", "type": "space", "unit": "micrometer"},
+                        {"name": "x", "type": "space", "unit": "micrometer"},
+                    ],
+                    "datasets": datasets,
+                }
+            ],
+            "image-label": {"version": "0.5"},
+        },
+        "rbcbatch": attrs,
+    }
+
+
+def fill_pyramid(
+    levels: list[zarr.Array], painted: list[tuple[int, int, int, int]], block: int = 2048
+) -> None:
+    """Fill levels 1.. from level 0 (each level[k] = level[k-1][::2, ::2]) block by block, so
+    that memory holds one block, never a level. painted: (y0, y1, x0, x1) boxes of level 0 that
+    hold labels; blocks outside them stay unwritten (all 0)."""
+    for k in range(1, len(levels)):
+        src, dst = levels[k - 1], levels[k]
+        boxes = [(y0 >> k, -(-y1 >> k), x0 >> k, -(-x1 >> k)) for y0, y1, x0, x1 in painted]
+        height, width = dst.shape
+        for y0 in range(0, height, block):
+            for x0 in range(0, width, block):
+                y1, x1 = min(y0 + block, height), min(x0 + block, width)
+                if not any(a < y1 and b > y0 and c < x1 and d > x0 for a, b, c, d in boxes):
+                    continue
+                dst[y0:y1, x0:x1] = src[2 * y0 : 2 * y1, 2 * x0 : 2 * x1][::2, ::2]
 
 
 def now_iso() -> str:
@@ -203,42 +265,60 @@ class RunStore:
         group = zarr.open_group(
             self.mask_url(slide_id), mode="w", storage_options=self._zarr_options()
         )
-        datasets = []
-        level, scale = labels, um_per_px
-        for index in range(MAX_PYRAMID_LEVELS):
+        n_levels = len(mask_level_shapes(labels.shape))
+        level = labels
+        for index in range(n_levels):
             chunks = (min(MASK_CHUNK, level.shape[0]), min(MASK_CHUNK, level.shape[1]))
             array = group.create_array(
                 str(index), shape=level.shape, dtype="uint32", chunks=chunks, fill_value=0
             )
             array[...] = level
-            datasets.append(
-                {
-                    "path": str(index),
-                    "coordinateTransformations": [{"type": "scale", "scale": [scale, scale]}],
-                }
-            )
-            if max(level.shape) <= PYRAMID_MIN_SIDE:
-                break
-            level, scale = level[::2, ::2], scale * 2
-        group.attrs.update(
-            {
-                "ome": {
-                    "version": "0.5",
-                    "multiscales": [
-                        {
-                            "name": slide_id,
-                            "axes": [
-                                {"name": "y", "type": "space", "unit": "micrometer"},
-                                {"name": "x", "type": "space", "unit": "micrometer"},
-                            ],
-                            "datasets": datasets,
-                        }
-                    ],
-                    "image-label": {"version": "0.5"},
-                },
-                "rbcbatch": attrs,
-            }
+            level = level[::2, ::2]
+        group.attrs.update(mask_attrs(slide_id, um_per_px, n_levels, attrs))
+
+    def create_mask_levels(
+        self, slide_id: str, shape: tuple[int, int], um_per_px: float, attrs: dict
+    ) -> list[zarr.Array]:
+        """Empty label arrays (all 0) of a slide's mask pyramid, with write_mask's metadata, for
+        a slide written window by window. Chunks left at 0 are never stored."""
+        group = zarr.open_group(
+            self.mask_url(slide_id), mode="w", storage_options=self._zarr_options()
         )
+        arrays = [
+            group.create_array(
+                str(index),
+                shape=level_shape,
+                dtype="uint32",
+                chunks=(min(MASK_CHUNK, level_shape[0]), min(MASK_CHUNK, level_shape[1])),
+                fill_value=0,
+                config={"write_empty_chunks": False},
+            )
+            for index, level_shape in enumerate(mask_level_shapes(shape))
+        ]
+        group.attrs.update(mask_attrs(slide_id, um_per_px, len(arrays), attrs))
+        return arrays
+
+    @contextmanager
+    def cells_writer(
+        self, cohort: str, patient_id: str, slide_id: str
+    ) -> Iterator[pq.ParquetWriter]:
+        """A Parquet writer for a slide's cells, appended in row groups; the file is written under
+        a temporary name and moved into place only when the block ends without error."""
+        path = self.cells_path(cohort, patient_id, slide_id)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp"
+        try:
+            with (
+                self.fs.open(tmp, "wb") as f,
+                pq.ParquetWriter(f, cells_schema(), compression="zstd") as writer,
+            ):
+                yield writer
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+        self.fs.mv(tmp, path)
 
     def write_cells(self, cohort: str, patient_id: str, slide_id: str, table: pa.Table) -> None:
         buffer = io.BytesIO()

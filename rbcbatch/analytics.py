@@ -18,6 +18,7 @@ import pyarrow as pa
 import yaml
 
 from rbcbatch.sinks import MANIFEST_FIELDS, RunStore, cells_schema
+from rbcbatch.storage import explains_storage_errors, resolve_options
 
 # Red-cell classes counted as poikilocytes (abnormal shape), after ICSH 2015 (Palmer et al.).
 POIKILOCYTE_CLASSES = (
@@ -133,11 +134,12 @@ def _empty_table(fields_: dict | pa.Schema) -> pa.Table:
     ).empty_table()
 
 
+@explains_storage_errors("run_dir")
 def connect(
     run_dir: str, rules: ScreeningRules | None = None, storage_options: dict | None = None
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the run's views: cells, slides, patients."""
-    store = RunStore(run_dir, storage_options)
+    store = RunStore(run_dir, resolve_options(storage_options, run_dir))
     if not store.fs.exists(store.path("run.json")):
         raise FileNotFoundError(
             f"{run_dir} is not an rbcbatch run folder (no run.json); run `rbcbatch run` first"
@@ -168,6 +170,7 @@ def connect(
     return con
 
 
+@explains_storage_errors("run_dir")
 def query(
     run_dir: str, sql: str, rules: ScreeningRules | None = None, storage_options: dict | None = None
 ) -> pa.Table:

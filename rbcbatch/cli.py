@@ -72,6 +72,7 @@ def run_catalog(
     new_config: bool,
     quiet: bool = False,
     stall_timeout: float | None = None,
+    storage_options: dict | None = None,
 ):
     """Run the pipeline with a progress bar; returns the RunSummary."""
     from rbcbatch.pipeline import STALL_TIMEOUT_S, RunConfig, run
@@ -100,10 +101,34 @@ def run_catalog(
             workers=workers,
             new_config=new_config,
             stall_timeout_s=STALL_TIMEOUT_S if stall_timeout is None else stall_timeout,
+            storage_options=storage_options,
             on_start=on_start,
             on_slide=on_slide,
         )
     return summary
+
+
+STORAGE_OPTION = typer.Option(
+    None,
+    "--storage-option",
+    help="fsspec/s3fs option NAME=VALUE, repeatable; dotted names nest, values parse as JSON "
+    "(client_kwargs.endpoint_url=http://host:9000, anon=true). Merged over the AWS_* "
+    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+    "AWS_ENDPOINT_URL[_S3], AWS_REGION).",
+)
+
+
+def _storage_options(pairs: list[str] | None, *urls: str, announce: bool = False) -> dict | None:
+    """Explicit options from --storage-option; with `announce`, says what s3 gets (no secrets)."""
+    from rbcbatch.storage import is_s3, options_from_cli, redacted, resolve_options
+
+    try:
+        explicit = options_from_cli(pairs)
+    except ValueError as e:
+        _fail(str(e))
+    if announce and any(is_s3(u) for u in urls):
+        console.print(f"storage options: {redacted(resolve_options(explicit, *urls))}")
+    return explicit or None
 
 
 @app.command("run")
@@ -137,6 +162,7 @@ def run_cmd(
         help="Stop with an error when no slide moves through the workers for this many seconds "
         "(default 1800; 0 waits forever). Committed slides are kept; re-run to resume.",
     ),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Segment, measure and classify every red cell of a catalog's slides.
 
@@ -153,6 +179,7 @@ def run_cmd(
             address,
             new_config,
             stall_timeout=stall_timeout,
+            storage_options=_storage_options(storage_option, catalog, out, announce=True),
         )
     except (RbcbatchError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
@@ -207,13 +234,17 @@ def report(
         None, help="YAML file overriding screening thresholds (see ScreeningRules)."
     ),
     csv: bool = typer.Option(False, "--csv", help="Print CSV with a header instead of a table."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Print the patient table: indicators and HS / anemia screening flags."""
     from rbcbatch.analytics import query as run_query
 
+    options = _storage_options(storage_option, run_dir)
     try:
-        table = run_query(run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules))
-    except (FileNotFoundError, ValueError) as e:
+        table = run_query(
+            run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules), options
+        )
+    except (FileNotFoundError, ValueError, RbcbatchError) as e:
         _fail(str(e))
     _print_table(table, "patients", csv)
 
@@ -224,15 +255,17 @@ def query(
     sql: str = typer.Argument(..., help="SQL over the views cells, slides, patients."),
     csv: bool = typer.Option(False, "--csv", help="Print CSV with a header."),
     rules: Path = typer.Option(None, help="YAML file overriding screening thresholds."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Run SQL over a run's views (cells, slides, patients)."""
     import duckdb
 
     from rbcbatch.analytics import query as run_query
 
+    options = _storage_options(storage_option, run_dir)
     try:
-        table = run_query(run_dir, sql, _rules(rules))
-    except (FileNotFoundError, ValueError, duckdb.Error) as e:
+        table = run_query(run_dir, sql, _rules(rules), options)
+    except (FileNotFoundError, ValueError, duckdb.Error, RbcbatchError) as e:
         _fail(str(e))
     _print_table(table, None, csv)
 

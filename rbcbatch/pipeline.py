@@ -31,6 +31,7 @@ from rbcbatch.segment import ClassicalSegmenter, estimate_slide_stats
 from rbcbatch.sinks import RunStore, cells_schema, now_iso
 from rbcbatch.sources import MAX_WHOLE_IMAGE_PIXELS, read_slide, resample, resize_labels
 from rbcbatch.stitch import core_object_ids, paint_tile
+from rbcbatch.storage import explains_storage_errors, resolve_options
 from rbcbatch.tiling import TileGeometry, tile_grid
 
 # Slide statistics (background, thresholds) are estimated on an overview of at most this size.
@@ -483,6 +484,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ctx.print_on_execution_start = False
 
 
+@explains_storage_errors("catalog_uri", "out")
 def run(
     catalog_uri: str,
     out: str,
@@ -504,7 +506,9 @@ def run(
     """
     config = config or RunConfig()
     started = time.perf_counter()
+    storage_options = resolve_options(storage_options, catalog_uri, out)
     catalog = load_catalog(catalog_uri, storage_options)
+    storage_options = resolve_options(storage_options, *(s.uri for s in catalog.slides))
     models = Models(config)
     description = models.describe()
     store = RunStore(out, storage_options)
@@ -551,6 +555,10 @@ def run(
             **resources,
         )
         ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
+        # An error that escapes a slide's own failure handling (the store itself is unreachable)
+        # reaches the driver as itself, not as Ray's UserCodeException, so run() can say what
+        # happened (StorageError) instead of printing a worker's traceback.
+        ds.context.raise_original_map_exception = True
         finished: set[str] = set()
         try:
             for row in ds.iter_rows():

@@ -31,6 +31,7 @@ import zarr
 
 from rbcbatch.errors import Failure, RunDirError
 from rbcbatch.measure import CELL_MEASURES
+from rbcbatch.storage import scrub
 
 # Chunk edge of mask arrays: 512² uint32 = 1 MiB raw, a few KiB compressed.
 MASK_CHUNK = 512
@@ -334,6 +335,8 @@ class RunStore:
 
     def record_failure(self, failure: Failure, run_id: str, key: str) -> None:
         row = {**asdict(failure), "run_id": run_id, "failed_at": now_iso()}
+        for name in ("uri", "message"):  # a store's error text must never carry its credentials
+            row[name] = scrub(row[name], self.storage_options)
         self._put_json(self.path("_failed", f"{key}.json"), row)
 
     def clear_failures(self, prefix: str) -> None:

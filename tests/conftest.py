@@ -41,3 +41,57 @@ def tiny_cohort(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     return synth_cohort(out, n_patients=3, images_per_patient=2, seed=11, height=360, width=480)
+
+
+# Starts moto's S3 server and exits with it when its stdin closes, so a killed test run never
+# leaves a server behind.
+_MOTO_SCRIPT = """
+import os, sys, threading
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+from moto.server import main
+main(["-H", "127.0.0.1", "-p", sys.argv[1]])
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's server in its own process); yields its URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_SCRIPT, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto S3 server did not start on {url} (exit {proc.poll()})")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -62,7 +62,7 @@ def main() -> None:
     record = json.loads((args.out / "run" / "_slides" / "large.json").read_text())
     decoded_gb = args.side**2 * 3 / 1e9
     print(
-        f"{args.side}² slide ({decoded_gb:.1f} GB decoded), {record['n_objects']} objects: "
+        f"{args.side}² slide ({decoded_gb:.2f} GB decoded), {record['n_objects']} objects: "
         f"peak RSS of the worker {record['peak_rss_mb']:.0f} MB; read {record['read_s']:.1f} s, "
         f"segment {record['segment_s']:.1f} s, measure {record['measure_s']:.1f} s, "
         f"write {record['write_s']:.1f} s; `rbcbatch run` {wall:.0f} s wall"

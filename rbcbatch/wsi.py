@@ -122,7 +122,8 @@ class WholeSlide:
 def is_tiff(uri: str, storage_options: dict | None = None) -> bool:
     """Whether the file's first bytes are a TIFF's; False for anything unreadable."""
     try:
-        with fsspec.open(uri, "rb", block_size=64, **(storage_options or {})) as f:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        with fs.open(path, "rb", block_size=64) as f:
             return sniff_format(f.read(16)) == "tiff"
     except Exception:  # unreadable here: the whole-image reader reports why, in its words
         return False

@@ -472,8 +472,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
+    else:  # "local": a new Ray even when `ray start` left a cluster's address file on this host
         ray.init(
+            address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,

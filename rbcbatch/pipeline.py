@@ -36,6 +36,11 @@ from rbcbatch.tiling import TileGeometry, tile_grid
 
 # Slide statistics (background, thresholds) are estimated on an overview of at most this size.
 OVERVIEW_PIXELS = 4_000_000
+# A slide whose worker died this many times (a crash, running out of memory, a lost node) is
+# recorded as failed instead of tried again: Ray restarts actors and retries their batches without
+# limit, so one slide that kills its worker every time would otherwise hold the run until the
+# stall timeout.
+MAX_SLIDE_ATTEMPTS = 3
 # Fewest isolated cells a pixel-size estimate may rest on: the median of 20 diameters with a
 # typical 8% spread is within ~2% of the population median.
 MIN_CALIBRATION_CELLS = 20
@@ -260,12 +265,50 @@ class SlideProcessor:
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        """Read every slide of the batch, segment all their tiles together, then finish each."""
-        out: dict[str, list] = {"slide_id": [], "status": [], "n_objects": [], "message": []}
+        """Process a batch of slides; a batch Ray retries after its worker died goes slide by slide."""
         specs = [
             SlideSpec(**{k: _scalar(v[i]) for k, v in batch.items()})
             for i in range(len(batch["slide_id"]))
         ]
+        run_id = self.provenance["run_id"]
+        if any(self.store.attempts(run_id, spec.slide_id) for spec in specs):
+            return self.retry_one_by_one(specs)
+        for spec in specs:
+            self.store.begin_attempt(run_id, spec.slide_id, 1, os.getpid())
+        return self.process(specs)
+
+    def retry_one_by_one(self, specs: list[SlideSpec]) -> dict[str, list]:
+        """A retried batch: each slide alone, its attempt counted first, so that a slide that
+        kills its worker every time (a decoder crash, memory) is known and given up after
+        MAX_SLIDE_ATTEMPTS while its batch-mates finish. Slides committed before the worker died
+        are reported, not redone."""
+        out = _empty_outcome()
+        run_id, committed = self.provenance["run_id"], self.store.committed()
+        for spec in specs:
+            if spec.slide_id in committed:
+                self._report(out, spec, self.store.commit_record(spec.slide_id), None)
+                continue
+            attempt = self.store.attempts(run_id, spec.slide_id) + 1
+            if attempt > MAX_SLIDE_ATTEMPTS:
+                failure = Failure(
+                    spec.slide_id,
+                    spec.uri,
+                    "process",
+                    "WorkerDied",
+                    f"the worker processing this slide died {attempt - 1} times (a crash, running "
+                    "out of memory or a lost node); it is not tried again in this run",
+                )
+                self.store.record_failure(failure, run_id, f"slide-{spec.slide_id}")
+                self._report(out, spec, None, failure)
+                continue
+            self.store.begin_attempt(run_id, spec.slide_id, attempt, os.getpid())
+            for key, values in self.process([spec]).items():
+                out[key].extend(values)
+        return out
+
+    def process(self, specs: list[SlideSpec]) -> dict[str, list]:
+        """Read every slide, segment all their tiles together, then finish each."""
+        out = _empty_outcome()
         ready = []
         for spec in specs:
             slide, failure = self._guard(spec, self.open_large, spec)
@@ -383,6 +426,10 @@ class SlideProcessor:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _empty_outcome() -> dict[str, list]:
+    return {"slide_id": [], "status": [], "n_objects": [], "message": []}
 
 
 def calibrated(spec: SlideSpec, image: np.ndarray) -> tuple[SlideSpec, int]:
@@ -574,6 +621,7 @@ def run(
             store.finalize()  # the manifest shows what was committed before the stall
             pending_ids = [s.slide_id for s in pending]
             raise RunStalledError(stalled_message(stall_timeout_s, pending_ids, finished)) from e
+        store.clear_attempts(run_id)
     store.finalize()
     if not pending and not catalog.slides and not catalog.rejected:
         raise RbcbatchError(f"catalog {catalog_uri} has no rows")

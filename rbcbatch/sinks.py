@@ -326,8 +326,29 @@ class RunStore:
         pq.write_table(table, buffer, compression="zstd")
         self._put_atomic(self.cells_path(cohort, patient_id, slide_id), buffer.getvalue())
 
+    # -- attempts: which slide was in hand when a worker died --------------------------
+    def attempts(self, run_id: str, slide_id: str) -> int:
+        """How many times this run has started processing the slide (0 if never)."""
+        path = self.path("_attempts", run_id, f"{slide_id}.json")
+        return json.loads(self.fs.cat_file(path))["attempts"] if self.fs.exists(path) else 0
+
+    def begin_attempt(self, run_id: str, slide_id: str, attempt: int, pid: int) -> None:
+        """Record that a worker (process `pid`) starts processing the slide for the n-th time."""
+        self._put_json(
+            self.path("_attempts", run_id, f"{slide_id}.json"),
+            {"attempts": attempt, "pid": pid, "started_at": now_iso()},
+        )
+
+    def clear_attempts(self, run_id: str) -> None:
+        if self.fs.exists(self.path("_attempts", run_id)):
+            self.fs.rm(self.path("_attempts", run_id), recursive=True)
+
+    def commit_record(self, slide_id: str) -> dict:
+        return json.loads(self.fs.cat_file(self.path("_slides", f"{slide_id}.json")))
+
     def commit(self, record: dict) -> None:
         """The commit step: from here on the slide counts as done and is skipped on re-runs."""
+        record = self._public(record)
         self._put_json(self.path("_slides", f"{record['slide_id']}.json"), record)
         failed = self.path("_failed", f"slide-{record['slide_id']}.json")
         if self.fs.exists(failed):

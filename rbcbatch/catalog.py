@@ -3,6 +3,9 @@
 A catalog is a CSV or Parquet table, local or on object storage. Rows that cannot be processed
 safely (unsafe or duplicate slide ids, missing pixel size) become failures here, before any
 work starts; the rest become `SlideSpec`s. Its contract is `schemas/catalog.schema.json`.
+
+Optional CBC columns (CBC_COLUMNS: hb_g_dl, mchc_g_dl, rdw_pct) travel with the slide into its
+commit record and the `patients` view, where they support the screening flags.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -21,7 +25,15 @@ import pyarrow.parquet as pq
 from rbcbatch.errors import CatalogError, Failure
 
 REQUIRED_COLUMNS = ("slide_id", "uri", "patient_id", "site", "um_per_px")
-OPTIONAL_COLUMNS = ("cohort", "scanner", "stain", "label")
+# Optional CBC values of the slide's patient (usually the same on each of its slides), with the
+# range a value must lie in: outside it the unit is wrong (Hb or MCHC in g/L, not g/dL) or the
+# value is a typo. Name -> (lowest, highest, unit).
+CBC_COLUMNS: dict[str, tuple[float, float, str]] = {
+    "hb_g_dl": (1.0, 25.0, "g/dL"),  # haemoglobin
+    "mchc_g_dl": (20.0, 50.0, "g/dL"),  # mean corpuscular haemoglobin concentration
+    "rdw_pct": (5.0, 50.0, "%"),  # red-cell distribution width (CV)
+}
+OPTIONAL_COLUMNS = ("cohort", "scanner", "stain", "label", *CBC_COLUMNS)
 
 # Names used as folder and Zarr group names: no separators, no leading dot, no "..".
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -43,6 +55,9 @@ class SlideSpec:
     scanner: str = ""
     stain: str = ""
     label: str = ""
+    hb_g_dl: float | None = None  # CBC values from the catalog, None where it gives none
+    mchc_g_dl: float | None = None
+    rdw_pct: float | None = None
     row: int = 0
 
     def to_dict(self) -> dict:
@@ -125,6 +140,9 @@ def _row_problem(row: dict, seen: dict[str, int]) -> str | None:
         return f"patient_id {row['patient_id']!r} is empty or not a safe name"
     if row["cohort"] and not is_safe_name(row["cohort"]):
         return f"cohort {row['cohort']!r} is not a safe name"
+    cbc = _cbc_problem(row)
+    if cbc:
+        return cbc
     if not row["um_per_px"]:
         return None  # unknown: the pipeline estimates it from the cells and says so
     try:
@@ -139,14 +157,38 @@ def _row_problem(row: dict, seen: dict[str, int]) -> str | None:
     return None
 
 
-def load_catalog(uri: str, storage_options: dict | None = None) -> Catalog:
-    """Validate every row; good rows become SlideSpecs, bad rows become catalog failures."""
+def _cbc_problem(row: dict) -> str | None:
+    """Why a CBC value of this row cannot be used, or None (empty values are allowed)."""
+    for name, (low, high, unit) in CBC_COLUMNS.items():
+        if not row[name]:
+            continue
+        try:
+            value = float(row[name])
+        except ValueError:
+            return f"{name} {row[name]!r} is not a number"
+        if not low <= value <= high:
+            return f"{name} {row[name]!r} is outside {low:g}–{high:g} {unit}; give it in {unit}"
+    return None
+
+
+def load_catalog(
+    uri: str,
+    storage_options: dict | None = None,
+    transform: Callable[[dict], dict] | None = None,
+) -> Catalog:
+    """Validate every row; good rows become SlideSpecs, bad rows become catalog failures.
+
+    transform: applied to each row's text values before they are checked (de-identification
+    replaces ids there, so that nothing after it sees them).
+    """
     columns = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
     slides: list[SlideSpec] = []
     rejected: list[Failure] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(read_catalog_rows(uri, storage_options), start=1):
         row = {c: _text(raw.get(c)) for c in columns}
+        if transform is not None:
+            row = transform(row)
         problem = _row_problem(row, seen)
         if problem:
             rejected.append(
@@ -165,6 +207,7 @@ def load_catalog(uri: str, storage_options: dict | None = None) -> Catalog:
                 scanner=row["scanner"],
                 stain=row["stain"],
                 label=row["label"],
+                **{c: float(row[c]) if row[c] else None for c in CBC_COLUMNS},
                 row=index,
             )
         )

@@ -73,6 +73,7 @@ def run_catalog(
     quiet: bool = False,
     stall_timeout: float | None = None,
     storage_options: dict | None = None,
+    deidentify_key: bytes | None = None,
 ):
     """Run the pipeline with a progress bar; returns the RunSummary."""
     from rbcbatch.pipeline import STALL_TIMEOUT_S, RunConfig, run
@@ -104,6 +105,7 @@ def run_catalog(
             storage_options=storage_options,
             on_start=on_start,
             on_slide=on_slide,
+            deidentify_key=deidentify_key,
         )
     return summary
 
@@ -163,12 +165,30 @@ def run_cmd(
         "(default 1800; 0 waits forever). Committed slides are kept; re-run to resume.",
     ),
     storage_option: list[str] = STORAGE_OPTION,
+    deidentify: bool = typer.Option(
+        False,
+        "--deidentify",
+        help="Replace patient and slide ids by keyed hashes (HMAC-SHA256, key from the "
+        "environment variable RBCBATCH_DEID_KEY, at least 16 bytes) before anything is written, "
+        "and write no image URIs. Resuming needs the same key.",
+    ),
 ) -> None:
     """Segment, measure and classify every red cell of a catalog's slides.
 
     Exit status: 0 when every slide is committed, 1 when some failed (their reasons are in
     OUT/failures.parquet), 2 for a usage or configuration error.
     """
+    deidentify_key = None
+    if deidentify:
+        from rbcbatch.deidentify import key_from_env, key_id
+
+        try:
+            deidentify_key = key_from_env()
+        except RbcbatchError as e:
+            _fail(str(e))
+        console.print(
+            f"de-identifying: patient and slide ids hashed with key id {key_id(deidentify_key)}"
+        )
     try:
         summary = run_catalog(
             catalog,
@@ -180,6 +200,7 @@ def run_cmd(
             new_config,
             stall_timeout=stall_timeout,
             storage_options=_storage_options(storage_option, catalog, out, announce=True),
+            deidentify_key=deidentify_key,
         )
     except (RbcbatchError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
@@ -216,8 +237,16 @@ def _print_table(table, title: str | None = None, csv: bool = False) -> None:
 
 
 PATIENT_COLUMNS = (
-    "patient_id, site, label, n_slides, n_rbc, spherocyte_pct, microcyte_pct, macrocyte_pct, "
-    "hypochromic_pct, poikilocyte_pct, diameter_mean_um, diameter_cv_pct, hs_flag, anemia_flag"
+    "patient_id, site, label, n_slides, n_rbc, spherocyte_pct, spherocyte_pct_lo, "
+    "spherocyte_pct_hi, spherocyte_grade, microcyte_pct, macrocyte_pct, hypochromic_pct, "
+    "poikilocyte_pct, diameter_mean_um, diameter_cv_pct, hs_flag, anemia_flag"
+)
+
+GRADING_OPTION = typer.Option(
+    None,
+    "--grading",
+    help="Grading scheme of the *_grade columns: icsh2015 (default), cap_simple, or the path of "
+    "a YAML table of cut-offs (schemas/grading.schema.json).",
 )
 
 
@@ -234,6 +263,7 @@ def report(
         None, help="YAML file overriding screening thresholds (see ScreeningRules)."
     ),
     csv: bool = typer.Option(False, "--csv", help="Print CSV with a header instead of a table."),
+    grading: str = GRADING_OPTION,
     storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Print the patient table: indicators and HS / anemia screening flags."""
@@ -242,7 +272,7 @@ def report(
     options = _storage_options(storage_option, run_dir)
     try:
         table = run_query(
-            run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules), options
+            run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules), options, grading
         )
     except (FileNotFoundError, ValueError, RbcbatchError) as e:
         _fail(str(e))
@@ -252,19 +282,20 @@ def report(
 @app.command()
 def query(
     run_dir: str = typer.Argument(..., help="A run folder written by `rbcbatch run`."),
-    sql: str = typer.Argument(..., help="SQL over the views cells, slides, patients."),
+    sql: str = typer.Argument(..., help="SQL over the views cells, slides, sites, patients."),
     csv: bool = typer.Option(False, "--csv", help="Print CSV with a header."),
     rules: Path = typer.Option(None, help="YAML file overriding screening thresholds."),
     storage_option: list[str] = STORAGE_OPTION,
+    grading: str = GRADING_OPTION,
 ) -> None:
-    """Run SQL over a run's views (cells, slides, patients)."""
+    """Run SQL over a run's views (cells, slides, sites, patients)."""
     import duckdb
 
     from rbcbatch.analytics import query as run_query
 
     options = _storage_options(storage_option, run_dir)
     try:
-        table = run_query(run_dir, sql, _rules(rules), options)
+        table = run_query(run_dir, sql, _rules(rules), options, grading)
     except (FileNotFoundError, ValueError, duckdb.Error, RbcbatchError) as e:
         _fail(str(e))
     _print_table(table, None, csv)

@@ -56,6 +56,14 @@ class RunStalledError(RbcbatchError):
     (a lost node nothing replaces, a read that never returns). Committed slides stay committed."""
 
 
+class GradingSchemeError(RbcbatchError, ValueError):
+    """A grading scheme cannot be found or is not a valid table of cut-offs."""
+
+
+class DeidentifyError(RbcbatchError):
+    """De-identification cannot be done safely (no key, a weak key, or a folder of other ids)."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """One row of failures.parquet: which slide, at which stage, and why."""

@@ -25,6 +25,7 @@ from rbcbatch import __version__
 from rbcbatch.calibrate import estimate_um_per_px
 from rbcbatch.catalog import SlideSpec, load_catalog
 from rbcbatch.classify import CellCalls, ResNetClassifier, RulesClassifier
+from rbcbatch.deidentify import check_run_folder, key_id, row_deidentifier, run_note
 from rbcbatch.errors import Failure, RbcbatchError, RunStalledError, SlideError
 from rbcbatch.measure import measure_cells
 from rbcbatch.segment import ClassicalSegmenter, estimate_slide_stats
@@ -80,6 +81,9 @@ class RunConfig:
     region_min_pixels: int = 64_000_000
     # Region core edge in working pixels, a multiple of tile_px: 4096 at 0.25 µm/px is ~1 mm.
     region_px: int = 4096
+    # De-identified runs (rbcbatch.deidentify): the id of the key that hashed the patient and
+    # slide ids; empty when the catalog's own ids are kept.
+    deidentify_key_id: str = ""
 
     def __post_init__(self) -> None:
         _lookup(SEGMENTERS, self.segmenter, "segmenter")
@@ -90,7 +94,10 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        config = asdict(self)
+        if not self.deidentify_key_id:  # runs with the catalog's ids keep their config hash
+            del config["deidentify_key_id"]
+        return config
 
 
 def stable_hash(obj: dict) -> str:
@@ -120,6 +127,11 @@ class Models:
             "segmenter": self.segmenter.config(),
             "classifier": self.classifier.config(),
             "geometry": self.geometry.to_dict(),
+            **(
+                {"deidentified": run_note(self.config.deidentify_key_id)}
+                if self.config.deidentify_key_id
+                else {}
+            ),
         }
 
     @property
@@ -256,7 +268,9 @@ class SlideProcessor:
     def __init__(self, run_url: str, storage_options: dict | None, config: dict, run_id: str):
         self.config = RunConfig(**config)
         self.models = Models(self.config)
-        self.store = RunStore(run_url, storage_options)
+        self.store = RunStore(
+            run_url, storage_options, deidentified=bool(self.config.deidentify_key_id)
+        )
         self.storage_options = storage_options
         self.provenance = {
             "run_id": run_id,
@@ -546,20 +560,26 @@ def run(
     stall_timeout_s: float | None = STALL_TIMEOUT_S,
     on_start: Callable[[int, int], None] | None = None,
     on_slide: Callable[[dict], None] | None = None,
+    deidentify_key: bytes | None = None,
 ) -> RunSummary:
     """Process every uncommitted slide of a catalog into `out`; resumable and idempotent.
 
     Survives the loss of worker nodes while others (or replacements) can take over the actors;
     raises RunStalledError when no slide batch moves for `stall_timeout_s` (None: wait forever).
+    With `deidentify_key`, patient and slide ids are keyed hashes from the catalog on and no
+    output holds an image URI (rbcbatch.deidentify).
     """
     config = config or RunConfig()
+    if deidentify_key is not None:
+        config = replace(config, deidentify_key_id=key_id(deidentify_key))
     started = time.perf_counter()
     storage_options = resolve_options(storage_options, catalog_uri, out)
-    catalog = load_catalog(catalog_uri, storage_options)
+    catalog = load_catalog(catalog_uri, storage_options, row_deidentifier(deidentify_key))
     storage_options = resolve_options(storage_options, *(s.uri for s in catalog.slides))
     models = Models(config)
     description = models.describe()
-    store = RunStore(out, storage_options)
+    store = RunStore(out, storage_options, deidentified=bool(config.deidentify_key_id))
+    check_run_folder(store, config.deidentify_key_id)
     store.open(description, stable_hash(description), allow_new_config=new_config)
     run_id = new_run_id()
     failed: list[dict] = []

@@ -11,21 +11,33 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rbcbatch.catalog import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from rbcbatch.catalog import CBC_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from rbcbatch.grading import grading_schema
 from rbcbatch.jobs import job_schema
 from rbcbatch.sinks import FAILURE_FIELDS, MANIFEST_FIELDS, cells_schema, schema_document
 
 
+def _column_document(name: str) -> dict:
+    column = {
+        "name": name,
+        "type": "double" if name == "um_per_px" or name in CBC_COLUMNS else "string",
+        "required": name in REQUIRED_COLUMNS,
+    }
+    if name in CBC_COLUMNS:
+        low, high, unit = CBC_COLUMNS[name]
+        column["description"] = (
+            f"CBC value in {unit} ({low:g}-{high:g}), optional; copied into the slide's commit "
+            "record and averaged per patient as supporting evidence of the screening flags"
+        )
+    return column
+
+
 def catalog_document() -> dict:
-    types = {"um_per_px": "double"}
     return {
         "name": "catalog",
         "description": "One row per slide. CSV (with a header) or Parquet; relative uris are "
         "resolved against the catalog's folder.",
-        "columns": [
-            {"name": c, "type": types.get(c, "string"), "required": c in REQUIRED_COLUMNS}
-            for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-        ],
+        "columns": [_column_document(c) for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS],
     }
 
 
@@ -41,6 +53,7 @@ def documents() -> dict[str, dict]:
             pa.schema(list(FAILURE_FIELDS.items())), "failures"
         ),
         "job.schema.json": job_schema(),
+        "grading.schema.json": grading_schema(),
     }
 
 

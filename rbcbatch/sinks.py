@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from rbcbatch.deidentify import withhold_uri
 from rbcbatch.errors import Failure, RunDirError
 from rbcbatch.measure import CELL_MEASURES
 from rbcbatch.storage import scrub
@@ -75,6 +76,11 @@ MANIFEST_FIELDS: dict[str, pa.DataType] = {
     "scanner": pa.string(),
     "stain": pa.string(),
     "label": pa.string(),
+    # CBC values from the catalog (optional; null where it gives none): haemoglobin and MCHC in
+    # g/dL, RDW in %. The `patients` view uses them as supporting evidence of its flags.
+    "hb_g_dl": pa.float64(),
+    "mchc_g_dl": pa.float64(),
+    "rdw_pct": pa.float64(),
     "um_per_px": pa.float64(),
     "um_per_px_source": pa.string(),  # "catalog", "file" (the slide's own), or "estimated"
     "calibration_cells": pa.int64(),  # cells the estimate rests on (0 when from the catalog)
@@ -183,11 +189,16 @@ def now_iso() -> str:
 
 
 class RunStore:
-    """A run folder on any fsspec filesystem, with the write and commit steps of slides."""
+    """A run folder on any fsspec filesystem, with the write and commit steps of slides.
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    deidentified: no image URI is written (records, mask attributes, failures and their
+    messages), as URIs often name the patient (rbcbatch.deidentify).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, deidentified: bool = False):
         self.url = url.rstrip("/")
         self.storage_options = storage_options or {}
+        self.deidentified = deidentified
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
 
     # -- paths ---------------------------------------------------------------------------
@@ -243,6 +254,10 @@ class RunStore:
         zarr.open_group(self.mask_url(), mode="a", storage_options=self._zarr_options())
         self.clear_failures(prefix="catalog-")
 
+    def _public(self, record: dict) -> dict:
+        """The record as it may be written: without its URI when de-identifying."""
+        return {**record, "uri": None} if self.deidentified and "uri" in record else record
+
     def _zarr_options(self) -> dict | None:
         return self.storage_options or None if "://" in self.url else None
 
@@ -275,7 +290,7 @@ class RunStore:
             )
             array[...] = level
             level = level[::2, ::2]
-        group.attrs.update(mask_attrs(slide_id, um_per_px, n_levels, attrs))
+        group.attrs.update(mask_attrs(slide_id, um_per_px, n_levels, self._public(attrs)))
 
     def create_mask_levels(
         self, slide_id: str, shape: tuple[int, int], um_per_px: float, attrs: dict
@@ -296,7 +311,7 @@ class RunStore:
             )
             for index, level_shape in enumerate(mask_level_shapes(shape))
         ]
-        group.attrs.update(mask_attrs(slide_id, um_per_px, len(arrays), attrs))
+        group.attrs.update(mask_attrs(slide_id, um_per_px, len(arrays), self._public(attrs)))
         return arrays
 
     @contextmanager
@@ -358,6 +373,9 @@ class RunStore:
         row = {**asdict(failure), "run_id": run_id, "failed_at": now_iso()}
         for name in ("uri", "message"):  # a store's error text must never carry its credentials
             row[name] = scrub(row[name], self.storage_options)
+        if self.deidentified:
+            row["message"] = withhold_uri(row["message"], failure.uri)
+            row["uri"] = None
         self._put_json(self.path("_failed", f"{key}.json"), row)
 
     def clear_failures(self, prefix: str) -> None:

@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null \
+		|| (apt-get update && apt-get install -y chromium) \
+		|| echo "chromium not installed: the report's browser check will be skipped"
 
 demo: $(STAMP)
 	$(BIN)/rbcbatch demo --out demo_out

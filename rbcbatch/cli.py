@@ -265,11 +265,33 @@ def report(
     csv: bool = typer.Option(False, "--csv", help="Print CSV with a header instead of a table."),
     grading: str = GRADING_OPTION,
     storage_option: list[str] = STORAGE_OPTION,
+    html: Path = typer.Option(
+        None,
+        "--html",
+        help="Write the report as one self-contained HTML file (tables, plots, example cells, "
+        "provenance) instead of printing the table.",
+    ),
+    truth: Path = typer.Option(
+        None,
+        "--truth",
+        help="With --html: folder holding truth.parquet and truth_masks/ (`rbcbatch synth`) for "
+        "the cell-level confusion matrix (default: looked for beside the catalog).",
+    ),
 ) -> None:
-    """Print the patient table: indicators and HS / anemia screening flags."""
+    """Print the patient table: indicators and HS / anemia screening flags (or, with --html,
+    write the whole report as one HTML file)."""
     from rbcbatch.analytics import query as run_query
 
     options = _storage_options(storage_option, run_dir)
+    if html is not None:
+        from rbcbatch.report import write_report
+
+        try:
+            write_report(run_dir, html, _rules(rules), truth, options, grading)
+        except (FileNotFoundError, ValueError, RbcbatchError) as e:
+            _fail(str(e))
+        console.print(f"wrote {html}")
+        return
     try:
         table = run_query(
             run_dir, f"SELECT {PATIENT_COLUMNS} FROM patients", _rules(rules), options, grading

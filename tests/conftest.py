@@ -43,6 +43,17 @@ def tiny_cohort(tmp_path_factory) -> Path:
     return synth_cohort(out, n_patients=3, images_per_patient=2, seed=11, height=360, width=480)
 
 
+@pytest.fixture(scope="session")
+def tiny_resnet_run(tiny_cohort, ray_local, tmp_path_factory) -> Path:
+    """The tiny cohort run with the learned classifier (probabilities, embeddings); read only."""
+    from rbcbatch.pipeline import RunConfig, run
+
+    out = tmp_path_factory.mktemp("tiny_resnet_run") / "run"
+    summary = run(str(tiny_cohort), str(out), RunConfig(classifier="resnet"), workers=2)
+    assert summary.n_failed == 0, summary.failed
+    return out
+
+
 # Starts moto's S3 server and exits with it when its stdin closes, so a killed test run never
 # leaves a server behind.
 _MOTO_SCRIPT = """

@@ -494,7 +494,7 @@ def schemas(
 def run_job_cmd(
     spec: str = typer.Argument(..., help="Job spec YAML: a path or a URL (see jobs/README.md)."),
 ) -> None:
-    """Run a job spec here: screening, nightly (only slides not committed yet) or training.
+    """Run a job spec here: screening, nightly (only slides not committed yet), training or shift.
 
     Exit status: 0 when the job is done, 1 when some slides failed, 2 for a bad spec, a
     configuration error, or a job kind this version cannot run.
@@ -542,6 +542,69 @@ def submit(
         markup=False,
         highlight=False,
     )
+
+
+@app.command()
+def shift(
+    run_dir: str = typer.Argument(..., help="A run folder written by `rbcbatch run`."),
+    by: str = typer.Option("site", help="Compare groups of this column: site, scanner, cohort."),
+    reference: str = typer.Option(
+        None, "--reference", help="The reference group (default: the one with the most red cells)."
+    ),
+    out: str = typer.Option(None, "--out", help="Folder for the outputs (default: RUN_DIR/shift)."),
+    features: str = typer.Option(
+        "all",
+        help="Cell features compared: all (64-d embedding + colour), embedding, or colour (mean "
+        "RGB and optical density; works on runs made with the rules classifier).",
+    ),
+    classes: str = typer.Option(
+        "normal",
+        help="Predicted classes compared, comma-separated, in equal numbers per side; 'all' "
+        "matches every class's share (controls for the morphology mix).",
+    ),
+    permutations: int = typer.Option(200, help="Label permutations behind each p-value."),
+    auc_threshold: float = typer.Option(0.75, help="Flag a group whose AUC reaches this ..."),
+    alpha: float = typer.Option(0.05, help="... and whose permutation p-value is below this."),
+    min_cells: int = typer.Option(50, help="Fewest matched cells per side a comparison needs."),
+    map_cells: int = typer.Option(1500, help="Cells in the t-SNE map (0: no map)."),
+    seed: int = typer.Option(0, help="Seed of the samples, permutations and map."),
+    storage_option: list[str] = STORAGE_OPTION,
+) -> None:
+    """Dataset shift: how far each site's red cells are from a reference site's.
+
+    Prints one row per group (AUC of a classifier telling it from the reference, 0.5 = alike;
+    permutation p-value; MMD; flagged) and writes shift_scores.csv, shift_scores.parquet and
+    shift_map.png (t-SNE by group and by class). Exit status 0, or 2 when the analysis cannot
+    be done (the message says why).
+    """
+    import pyarrow as pa
+
+    from rbcbatch.shift import ShiftSettings, parse_classes, shift_analysis, write_shift_outputs
+
+    options = _storage_options(storage_option, run_dir)
+    out = out or f"{run_dir.rstrip('/')}/shift"
+    try:
+        settings = ShiftSettings(
+            classes=parse_classes(classes),
+            n_permutations=permutations,
+            auc_threshold=auc_threshold,
+            alpha=alpha,
+            min_cells=min_cells,
+            max_cells=max(ShiftSettings.max_cells, min_cells),
+            map_cells=map_cells,
+        )
+        report = shift_analysis(run_dir, by, reference, options, seed, features, settings)
+        written = write_shift_outputs(report, out, options)
+    except (ValueError, RbcbatchError) as e:
+        _fail(str(e))
+    _print_table(
+        pa.Table.from_pandas(report.scores, preserve_index=False),
+        f"shift by {by} against {report.reference} ({report.features} features)",
+    )
+    flagged = ", ".join(report.flagged) or "none"
+    console.print(f"out of distribution (AUC >= {auc_threshold}, p < {alpha}): {flagged}")
+    for path in written:
+        console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -461,14 +461,21 @@ def _run_training(spec: dict, say: Callable[[str], None]) -> JobOutcome:
 
 
 def _run_shift(spec: dict, say: Callable[[str], None]) -> JobOutcome:
-    return JobOutcome(
-        "shift",
-        2,
-        [
-            "the spec is a valid shift job, but this version of rbcbatch "
-            f"({__version__}) has no shift command: it cannot run dataset-shift analyses yet"
-        ],
-    )
+    """A dataset-shift analysis of a run folder (rbcbatch.shift), as `rbcbatch shift` does it."""
+    from rbcbatch.shift import shift_analysis, write_shift_outputs
+
+    by = spec.get("by", "site")
+    out = spec.get("out") or f"{spec['run'].rstrip('/')}/shift"
+    say(f"shift: {spec['run']} by {by} against {spec['reference_site']}")
+    report = shift_analysis(spec["run"], by=by, reference=spec["reference_site"])
+    written = write_shift_outputs(report, out)
+    lines = [
+        f"{row.group}: AUC {row.auc:.3f} (p {row.p_value:.3g}), MMD {row.mmd:.4f}, "
+        f"{row.n_cells} cells per side" + (", OUT OF DISTRIBUTION" if row.flagged else "")
+        for row in report.scores.itertuples()
+    ]
+    lines += [f"wrote {path}" for path in written]
+    return JobOutcome("shift", 0, lines, result=report)
 
 
 # -- submitting to a cluster ---------------------------------------------------------------------

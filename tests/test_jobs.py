@@ -163,10 +163,11 @@ def test_run_job_refuses_a_bad_spec_with_exit_status_2(tmp_path):
     assert "$.catalog: required field is missing" in said(result)
 
 
-def test_run_job_says_this_version_has_no_shift_command():
+def test_run_job_runs_the_shift_spec_and_says_when_its_run_folder_is_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the spec's run folder (demo_out/run_resnet) is relative: not here
     result = CliRunner().invoke(app, ["run-job", str(REPO / "jobs" / "shift.yaml")])
     assert result.exit_code == 2
-    assert "valid shift job" in said(result) and "has no shift command" in said(result)
+    assert "demo_out/run_resnet is not an rbcbatch run folder" in said(result)
 
 
 # -- submitting ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rbcbatch demo --out demo_out
 
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check rbcbatch tests
 	$(BIN)/python -m pytest
 

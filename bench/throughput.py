@@ -168,6 +168,9 @@ def main() -> None:
     megapixels = sum(r["width"] * r["height"] for r in _sizes(catalog)) / 1e6
     rows = []
 
+    import torch
+
+    naive_threads = torch.get_num_threads()
     seconds = naive_loop(catalog, args.out / "naive", config)
     rows.append(("naive loop", 1, seconds, megapixels / seconds))
 
@@ -207,7 +210,10 @@ def main() -> None:
     setup = (
         f"{len(_sizes(catalog))} synthetic 800×600 fields ({megapixels:.1f} MP), segmenter "
         f"`{args.segmenter}`, classifier `{args.classifier}`, float32 on CPU / the card's autocast on "
-        f"GPU; Ray start-up {ray_start:.1f} s excluded. Measured {time.strftime('%Y-%m-%d')}."
+        f"GPU; Ray start-up {ray_start:.1f} s excluded, actor start-up and model loading "
+        f"included. The naive loop's network runs on {naive_threads} torch threads (every core); "
+        f"each pipeline actor and each model-only process on one. "
+        f"Measured {time.strftime('%Y-%m-%d')}."
     )
     section = results_markdown(machine, setup, rows, ratios)
     print(section)

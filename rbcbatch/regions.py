@@ -49,7 +49,7 @@ from rbcbatch.pipeline import (
 )
 from rbcbatch.segment import SlideStats, estimate_slide_stats
 from rbcbatch.sinks import RunStore, fill_pyramid, now_iso
-from rbcbatch.tiling import Tile, TileGeometry
+from rbcbatch.tiling import Tile, TileGeometry, tile_at
 from rbcbatch.wsi import WholeSlide, is_tiff, open_slide, read_shrunk
 
 # Pixel size of the glass view: about half a red cell (7.5 µm), so a single cell still darkens
@@ -150,20 +150,12 @@ def region_tiles(
     """The slide's tiles (`tiling.tile_grid` of the whole working image) whose cores lie in a
     region core aligned to the tile grid, in row-major order, in slide working pixels."""
     height, width = work_shape
-    size, halo = geometry.tile_px, geometry.halo_px
-    columns = math.ceil(width / size)
-    tiles = []
-    for y0 in range(core[0], core[1], size):
-        for x0 in range(core[2], core[3], size):
-            y1, x1 = min(y0 + size, height), min(x0 + size, width)
-            outer = (
-                max(0, y0 - halo),
-                min(height, y1 + halo),
-                max(0, x0 - halo),
-                min(width, x1 + halo),
-            )
-            tiles.append(Tile((y0 // size) * columns + x0 // size, (y0, y1, x0, x1), outer))
-    return tiles
+    size = geometry.tile_px
+    return [
+        tile_at(y0, x0, height, width, geometry)
+        for y0 in range(core[0], core[1], size)
+        for x0 in range(core[2], core[3], size)
+    ]
 
 
 def full_box(box_work: tuple[int, int, int, int], grid: SlideGrid) -> tuple[int, int, int, int]:

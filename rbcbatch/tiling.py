@@ -7,6 +7,7 @@ whole stitching guarantee, and `TileGeometry` checks the halo is wide enough for
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 # Largest object an object's centroid can sit away from its rim, doubled: a large
@@ -62,20 +63,23 @@ class Tile:
         return slice(y0, y1), slice(x0, x1)
 
 
+def tile_at(y0: int, x0: int, height: int, width: int, geometry: TileGeometry) -> Tile:
+    """The tile whose core starts at (y0, x0) of a height×width image, numbered by its row-major
+    place in that image's `tile_grid` (so a region's tiles keep the slide's numbering)."""
+    size, halo = geometry.tile_px, geometry.halo_px
+    y1, x1 = min(y0 + size, height), min(x0 + size, width)
+    outer = (max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo))
+    index = (y0 // size) * math.ceil(width / size) + x0 // size
+    return Tile(index, (y0, y1, x0, x1), outer)
+
+
 def tile_grid(height: int, width: int, geometry: TileGeometry) -> list[Tile]:
     """Row-major tiles covering a height×width working-resolution image."""
     if height <= 0 or width <= 0:
         raise ValueError(f"cannot tile an empty image ({height}×{width})")
-    size, halo = geometry.tile_px, geometry.halo_px
-    tiles = []
-    for y0 in range(0, height, size):
-        for x0 in range(0, width, size):
-            y1, x1 = min(y0 + size, height), min(x0 + size, width)
-            outer = (
-                max(0, y0 - halo),
-                min(height, y1 + halo),
-                max(0, x0 - halo),
-                min(width, x1 + halo),
-            )
-            tiles.append(Tile(len(tiles), (y0, y1, x0, x1), outer))
-    return tiles
+    size = geometry.tile_px
+    return [
+        tile_at(y0, x0, height, width, geometry)
+        for y0 in range(0, height, size)
+        for x0 in range(0, width, size)
+    ]

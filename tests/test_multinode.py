@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,19 @@ class RemoveNodeAfterFirstSlide:
         self.cluster.remove_node(victim, allow_graceful=False)
 
 
+def nodes_once_dead(node_id: str, deadline_s: float = 90.0) -> dict[str, dict]:
+    """ray.nodes() by id, once the GCS has noticed the node is gone: its health checks take a
+    while to give up on a killed raylet, and the run may finish on the other node before."""
+    import ray
+
+    give_up = time.monotonic() + deadline_s
+    while True:
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        if not nodes[node_id]["Alive"] or time.monotonic() > give_up:
+            return nodes
+        time.sleep(1.0)
+
+
 def rbcbatch_run(*args: str, env: dict) -> subprocess.CompletedProcess:
     """`rbcbatch run ...` in its own process, messages unwrapped."""
     return subprocess.run(
@@ -168,7 +182,6 @@ def clean_run(workers, cohort, tmp_path_factory) -> Path:
 def test_losing_a_worker_node_mid_run_gives_the_clean_run(workers, clean_run, cohort, tmp_path):
     """Kill a node that holds a slide actor after the first slide: the run finishes on what is
     left, and its rows, manifest and masks equal the clean run's (none lost, none twice)."""
-    import ray
 
     out = tmp_path / "run"
     remover = RemoveNodeAfterFirstSlide(workers)
@@ -176,7 +189,7 @@ def test_losing_a_worker_node_mid_run_gives_the_clean_run(workers, clean_run, co
 
     # the lost node really held work: Ray reports it dead, and its actor was restarted elsewhere
     assert remover.lost_node is not None
-    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    nodes = nodes_once_dead(remover.lost_node)
     assert nodes[remover.lost_node]["Alive"] is False
     lost_actor = pool_actors()[remover.lost_actor]
     assert lost_actor["NumRestarts"] >= 1

@@ -14,33 +14,42 @@ RULES = ScreeningRules(min_rbc=3, hs_spherocyte_pct=20.0, anemia_micro_hypo_pct=
                        anemia_mean_diameter_um=6.0)
 
 
-def cells(slide_id: str, patient_id: str, rows: list[tuple[str, str, float]], run_id: str = "r1") -> pa.Table:
-    """rows: (kind, class, diameter_um); every other column gets a neutral value."""
+def neutral_table(values: dict[str, list], n: int) -> pa.Table:
+    """A cells table of n rows: the given columns, every other column a neutral value."""
     schema = cells_schema()
     data = {}
     for f in schema:
-        if f.name == "kind":
-            data[f.name] = [r[0] for r in rows]
-        elif f.name == "class":
-            data[f.name] = [r[1] for r in rows]
-        elif f.name == "diameter_um":
-            data[f.name] = [r[2] for r in rows]
-        elif f.name == "touches_edge":
-            data[f.name] = [len(r) > 3 and r[3] for r in rows]
-        elif f.name == "cell_id":
-            data[f.name] = list(range(1, len(rows) + 1))
-        elif f.name in ("slide_id", "patient_id", "run_id", "cohort"):
-            data[f.name] = [{"slide_id": slide_id, "patient_id": patient_id, "run_id": run_id,
-                             "cohort": "c"}[f.name]] * len(rows)
+        if f.name in values:
+            data[f.name] = values[f.name]
         elif pa.types.is_list(f.type):
-            data[f.name] = [None] * len(rows)
+            data[f.name] = [None] * n
         elif pa.types.is_string(f.type):
-            data[f.name] = ["x"] * len(rows)
+            data[f.name] = ["x"] * n
         elif pa.types.is_boolean(f.type):
-            data[f.name] = [False] * len(rows)
+            data[f.name] = [False] * n
         else:
-            data[f.name] = [1] * len(rows)
-    return pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in data.items()}, schema=schema)
+            data[f.name] = [1] * n
+    return pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in data.items()},
+                    schema=schema)
+
+
+def cells(slide_id: str, patient_id: str, rows: list[tuple[str, str, float]], run_id: str = "r1") -> pa.Table:
+    """rows: (kind, class, diameter_um[, touches_edge]); every other column gets a neutral value."""
+    n = len(rows)
+    return neutral_table(
+        {
+            "kind": [r[0] for r in rows],
+            "class": [r[1] for r in rows],
+            "diameter_um": [r[2] for r in rows],
+            "touches_edge": [len(r) > 3 and r[3] for r in rows],
+            "cell_id": list(range(1, n + 1)),
+            "slide_id": [slide_id] * n,
+            "patient_id": [patient_id] * n,
+            "run_id": [run_id] * n,
+            "cohort": ["c"] * n,
+        },
+        n,
+    )
 
 
 @pytest.fixture()

@@ -19,8 +19,9 @@ from rbcbatch.catalog import load_catalog
 from rbcbatch.cli import app
 from rbcbatch.errors import GradingSchemeError
 from rbcbatch.grading import SHIPPED_DIR, load_scheme
-from rbcbatch.sinks import RunStore, cells_schema
+from rbcbatch.sinks import RunStore
 from tests.conftest import REPO
+from tests.test_analytics import neutral_table
 
 Z = 1.959963984540054
 RULES = ScreeningRules(
@@ -46,7 +47,6 @@ def wilson_by_quadratic(k: int, n: int) -> tuple[float, float]:
 
 def cells_table(slide: str, patient: str, site: str, rows: list[tuple]) -> pa.Table:
     """rows: (kind, class[, touches_edge]); diameters from DIAMETER, other columns neutral."""
-    schema = cells_schema()
     values = {
         "kind": [r[0] for r in rows],
         "class": [r[1] for r in rows],
@@ -59,19 +59,7 @@ def cells_table(slide: str, patient: str, site: str, rows: list[tuple]) -> pa.Ta
         "cohort": ["c"] * len(rows),
         "site": [site] * len(rows),
     }
-    data = {}
-    for f in schema:
-        if f.name in values:
-            data[f.name] = values[f.name]
-        elif pa.types.is_list(f.type):
-            data[f.name] = [None] * len(rows)
-        elif pa.types.is_string(f.type):
-            data[f.name] = ["x"] * len(rows)
-        elif pa.types.is_boolean(f.type):
-            data[f.name] = [False] * len(rows)
-        else:
-            data[f.name] = [1] * len(rows)
-    return pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in data.items()})
+    return neutral_table(values, len(rows))
 
 
 def rbc(**counts: int) -> list[tuple]:

@@ -22,10 +22,12 @@ demo: $(STAMP)
 
 test: install
 	$(BIN)/ruff check rbcbatch tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check rbcbatch tests
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check rbcbatch tests
 
 clean:

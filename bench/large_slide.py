@@ -2,7 +2,7 @@
 
 Usage: python bench/large_slide.py [--side 40000] [--covered] [--out /tmp/rbcbatch-large]
 
-Writes a side² pyramidal OME-TIFF at 0.25 µm/px (rbcbatch.synth_wsi): by default glass with four
+Writes a side² pyramidal OME-TIFF at 0.25 µm/px (rbcbatch.dev.synth_wsi): by default glass with four
 patches of smear (as tests/test_large_slide.py), with --covered copies of one field over the
 whole slide (every region full of cells, the worst case for memory). Prints the slide's manifest
 record: peak RSS of the worker process, read/segment/measure/write seconds, objects; and the
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from rbcbatch.synth_wsi import covering_patches, four_patches, write_pyramid
+from rbcbatch.dev.synth_wsi import covering_patches, four_patches, write_pyramid
 
 
 def main() -> None:

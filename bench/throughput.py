@@ -8,7 +8,7 @@ All figures are megapixels of slide per second (MP/s) over the same synthetic co
 
 * naive: one process, one image at a time (decode, segment the whole image through the same
   tiling, measure, classify, write), the way a script without a scheduler would do it;
-* pipeline: `rbcbatch.pipeline.run` with 1..N actors, Ray start-up excluded (paid once per
+* pipeline: `rbcbatch.engine.run` with 1..N actors, Ray start-up excluded (paid once per
   command), actor start-up and model loading included;
 * model-only: the segmentation network alone on the same tiles, already cut and converted to
   input tensors in memory, in N processes at once: the ceiling the pipeline can approach.
@@ -48,11 +48,12 @@ def machine_name() -> str:
 
 def naive_loop(catalog: Path, out: Path, config) -> float:
     """Seconds for one process to do every slide in turn (models built before the clock starts)."""
-    from rbcbatch.catalog import load_catalog
+    from rbcbatch.engine.config import Models
+    from rbcbatch.engine.slide import cells_table, segment_slide
+    from rbcbatch.io.catalog import load_catalog
+    from rbcbatch.io.sources import read_slide
     from rbcbatch.measure import measure_cells
-    from rbcbatch.pipeline import Models, cells_table, segment_slide
-    from rbcbatch.sinks import RunStore
-    from rbcbatch.sources import read_slide
+    from rbcbatch.store.run_store import RunStore
 
     models = Models(config)
     store = RunStore(str(out))
@@ -75,10 +76,11 @@ def model_inputs(catalog: Path, config) -> list:
     cuts them (working resolution, halo, padding)."""
     import numpy as np
 
-    from rbcbatch.catalog import load_catalog
-    from rbcbatch.pipeline import Models, prepare_slide
-    from rbcbatch.segment_unet import _padded, image_to_input
-    from rbcbatch.sources import read_slide
+    from rbcbatch.engine.config import Models
+    from rbcbatch.engine.slide import prepare_slide
+    from rbcbatch.io.catalog import load_catalog
+    from rbcbatch.io.sources import read_slide
+    from rbcbatch.segment.unet import _padded, image_to_input
 
     models = Models(config)
     inputs = []
@@ -99,7 +101,7 @@ def _model_only_worker(args) -> float:
     inputs, barrier = args
     import torch
 
-    from rbcbatch.segment_unet import UNetSegmenter
+    from rbcbatch.segment.unet import UNetSegmenter
 
     torch.set_num_threads(1)
     seg = UNetSegmenter()
@@ -159,8 +161,9 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from rbcbatch.pipeline import RunConfig, connect_ray, run
-    from rbcbatch.synth import synth_cohort
+    from rbcbatch.dev.synth import synth_cohort
+    from rbcbatch.engine.config import RunConfig
+    from rbcbatch.engine.run import connect_ray, run
 
     config = RunConfig(segmenter=args.segmenter, classifier=args.classifier)
     shutil.rmtree(args.out, ignore_errors=True)
@@ -225,7 +228,7 @@ def _sizes(catalog: Path) -> list[dict]:
     """Width and height of each slide, read from the files' headers."""
     from PIL import Image
 
-    from rbcbatch.catalog import load_catalog
+    from rbcbatch.io.catalog import load_catalog
 
     sizes = []
     for spec in load_catalog(str(catalog)).slides:

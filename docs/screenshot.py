@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from rbcbatch.report import screenshot, write_report
+from rbcbatch.report.html import screenshot, write_report
 
 
 def palette_png(path: Path, colours: int = 256) -> int:

@@ -26,8 +26,12 @@ def ray_local():
     """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
@@ -37,7 +41,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """Three patients (normal, hs, ida) × 2 small fields; returns the catalog path."""
-    from rbcbatch.synth import synth_cohort
+    from rbcbatch.dev.synth import synth_cohort
 
     out = tmp_path_factory.mktemp("tiny_cohort")
     return synth_cohort(out, n_patients=3, images_per_patient=2, seed=11, height=360, width=480)
@@ -46,7 +50,8 @@ def tiny_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_resnet_run(tiny_cohort, ray_local, tmp_path_factory) -> Path:
     """The tiny cohort run with the learned classifier (probabilities, embeddings); read only."""
-    from rbcbatch.pipeline import RunConfig, run
+    from rbcbatch.engine.config import RunConfig
+    from rbcbatch.engine.run import run
 
     out = tmp_path_factory.mktemp("tiny_resnet_run") / "run"
     summary = run(str(tiny_cohort), str(out), RunConfig(classifier="resnet"), workers=2)

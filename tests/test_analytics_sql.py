@@ -15,11 +15,11 @@ from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
 from rbcbatch.analytics import WILSON_MACROS, ScreeningRules, query, wilson_interval
-from rbcbatch.catalog import load_catalog
+from rbcbatch.analytics.grading import SHIPPED_DIR, load_scheme
 from rbcbatch.cli import app
 from rbcbatch.errors import GradingSchemeError
-from rbcbatch.grading import SHIPPED_DIR, load_scheme
-from rbcbatch.sinks import RunStore
+from rbcbatch.io.catalog import load_catalog
+from rbcbatch.store.run_store import RunStore
 from tests.conftest import REPO
 from tests.test_analytics import neutral_table
 

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rbcbatch.catalog import is_safe_name, load_catalog
 from rbcbatch.errors import CatalogError
+from rbcbatch.io.catalog import is_safe_name, load_catalog
 
 HEADER = "slide_id,uri,patient_id,site,um_per_px,label\n"
 
@@ -27,8 +27,13 @@ def test_good_rows_resolve_relative_uris_and_keep_leading_zeros(tmp_path):
 
 @pytest.mark.parametrize(
     "slide_id, reason",
-    [("../x", "not a safe name"), ("", "slide_id is empty"), (".hidden", "not a safe name"),
-     ("a/b", "not a safe name"), ("a..b", "not a safe name")],
+    [
+        ("../x", "not a safe name"),
+        ("", "slide_id is empty"),
+        (".hidden", "not a safe name"),
+        ("a/b", "not a safe name"),
+        ("a..b", "not a safe name"),
+    ],
 )
 def test_unsafe_slide_ids_are_rejected_rows(tmp_path, slide_id, reason):
     body = f"{slide_id},x.png,P01,s,0.25,\nok1,y.png,P01,s,0.25,\n"
@@ -45,7 +50,9 @@ def test_duplicate_slide_id_rejects_the_second_row_only(tmp_path):
     assert "duplicate of catalog row 1" in cat.rejected[0].message
 
 
-@pytest.mark.parametrize("um, reason", [("abc", "not a number"), ("50", "outside"), ("-1", "outside")])
+@pytest.mark.parametrize(
+    "um, reason", [("abc", "not a number"), ("50", "outside"), ("-1", "outside")]
+)
 def test_bad_pixel_size_is_rejected(tmp_path, um, reason):
     cat = load_catalog(str(write(tmp_path, f"s1,a.png,P1,s,{um},\n")))
     assert cat.slides == [] and reason in cat.rejected[0].message
@@ -62,8 +69,18 @@ def test_missing_columns_and_missing_file_are_catalog_errors(tmp_path):
 
 def test_parquet_catalog(tmp_path):
     path = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"slide_id": ["a"], "uri": ["/x/a.png"], "patient_id": ["P"],
-                             "site": ["s"], "um_per_px": [0.3]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "slide_id": ["a"],
+                "uri": ["/x/a.png"],
+                "patient_id": ["P"],
+                "site": ["s"],
+                "um_per_px": [0.3],
+            }
+        ),
+        path,
+    )
     cat = load_catalog(str(path))
     assert cat.slides[0].uri == "/x/a.png" and cat.slides[0].um_per_px == 0.3
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rbcbatch.datasets import CHULA_CLASSES
-from rbcbatch.errors import WeightsError
-from rbcbatch.models import WEIGHTS_DIR, card_path, load_model
-from rbcbatch.train_classifier import (
+from rbcbatch.dev.datasets import CHULA_CLASSES
+from rbcbatch.dev.train_classifier import (
     classification_metrics,
     evaluate_classifier,
     predict_crops,
 )
+from rbcbatch.errors import WeightsError
+from rbcbatch.models import WEIGHTS_DIR, card_path, load_model
 from tests.conftest import shared_dataset
 
 SHIPPED = WEIGHTS_DIR / "resnet_cells.safetensors"

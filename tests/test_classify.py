@@ -8,14 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from rbcbatch.classify import (
-    MORPHOLOGY_CLASSES,
-    OBJECT_KINDS,
-    RULE_COLUMNS,
-    MorphologyRules,
-    classify_rules,
-)
+from rbcbatch.classify.rules import RULE_COLUMNS, MorphologyRules, classify_rules
 from rbcbatch.measure import measure_cells
+from rbcbatch.vocabulary import MORPHOLOGY_CLASSES, OBJECT_KINDS
 
 # A free-lying normal discocyte as the measures describe it: 7.5 µm, round, central pallor
 # (centre at 0.85 of the rim's density), a few pale pixels, no dense core.
@@ -235,7 +230,7 @@ def test_measured_shapes_are_called_by_the_rules():
 
 def test_spherocytes_on_synthetic_truth_masks():
     """Spherocyte recall >= 0.85 and precision >= 0.8 on fields not used for tuning."""
-    from rbcbatch.synth import SITES, render_field
+    from rbcbatch.dev.synth import SITES, render_field
 
     truth, called = [], []
     for i, (condition, site) in enumerate(

@@ -10,10 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from rbcbatch import calibrate as C
-from rbcbatch import datasets as D
-from rbcbatch.sources import sniff_format
-from rbcbatch.synth import render_field
+from rbcbatch.classify.crops import cell_crops
+from rbcbatch.dev import datasets as D
+from rbcbatch.dev.synth import render_field
+from rbcbatch.io.sources import sniff_format
+from rbcbatch.segment import calibrate as C
 from tests.conftest import shared_dataset
 
 # Points per class of all 623 Chula label files (chula_rbc12/DATASET.md, class table).
@@ -145,7 +146,7 @@ def test_chula_split_rejects_bad_fractions(chula):
 
 
 def test_chula_png_named_jpg_decode(chula_root):
-    from rbcbatch.sources import read_slide
+    from rbcbatch.io.sources import read_slide
 
     pngs = []
     for image_id in range(1, 739):
@@ -160,11 +161,11 @@ def test_chula_png_named_jpg_decode(chula_root):
 
 
 def test_chula_crops_of_real_image(chula):
-    from rbcbatch.sources import read_slide
+    from rbcbatch.io.sources import read_slide
 
     rec = chula[0]
     image = read_slide(str(rec["image_id"]), rec["path"])
-    crops = D.cell_crops(image, rec["points"], D.CHULA_UM_PER_PX)
+    crops = cell_crops(image, rec["points"], D.CHULA_UM_PER_PX)
     assert crops.shape == (len(rec["points"]), 64, 64, 3) and crops.dtype == np.uint8
     # Centred on a red cell: the centre is darker than the crop's brightest (background) part.
     centre = crops[:, 28:36, 28:36].mean(axis=(1, 2, 3))
@@ -187,7 +188,7 @@ def test_cell_crop_shows_disk_at_expected_size(um_per_px):
     diameter_um, crop_um, out_px = 7.5, 14.0, 64
     r = diameter_um / 2 / um_per_px
     image = _disk_image(300, 400, 200.0, 150.0, r)
-    crops = D.cell_crops(image, np.array([[200, 150], [0, 0]]), um_per_px, crop_um, out_px)
+    crops = cell_crops(image, np.array([[200, 150], [0, 0]]), um_per_px, crop_um, out_px)
     assert crops.shape == (2, out_px, out_px, 3)
     dark = crops[0, ..., 1] < 145
     expected = diameter_um / crop_um * out_px  # 34.3 px whatever the source pixel size
@@ -201,7 +202,7 @@ def test_cell_crop_shows_disk_at_expected_size(um_per_px):
 def test_cell_crop_reflects_a_corner_disk_into_a_whole_one():
     um_per_px = 0.2
     image = _disk_image(200, 200, 0.0, 0.0, 7.5 / 2 / um_per_px)
-    crop = D.cell_crops(image, np.array([[0, 0, 3]]), um_per_px)[0]
+    crop = cell_crops(image, np.array([[0, 0, 3]]), um_per_px)[0]
     dark = crop[..., 1] < 145
     assert abs(2 * math.sqrt(dark.sum() / math.pi) - 7.5 / 14 * 64) < 1.5
     assert dark[:32].sum() > 0.4 * dark.sum() and dark[:, :32].sum() > 0.4 * dark.sum()
@@ -209,14 +210,14 @@ def test_cell_crop_reflects_a_corner_disk_into_a_whole_one():
 
 def test_cell_crops_empty_and_invalid():
     image = np.zeros((50, 50, 3), np.uint8)
-    assert D.cell_crops(image, np.empty((0, 3)), 0.2).shape == (0, 64, 64, 3)
+    assert cell_crops(image, np.empty((0, 3)), 0.2).shape == (0, 64, 64, 3)
     with pytest.raises(ValueError):
-        D.cell_crops(image, np.array([[1, 2]]), 0.0)
+        cell_crops(image, np.array([[1, 2]]), 0.0)
 
 
 @pytest.mark.parametrize("site", ["site_a", "site_b"])
 def test_estimate_um_per_px_on_synthetic_field(site):
-    from rbcbatch.synth import SITES
+    from rbcbatch.dev.synth import SITES
 
     field = render_field(np.random.default_rng(0), "normal", site, 600, 800)
     est, n = C.estimate_um_per_px(field.image)

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from rbcbatch.analytics import query
 from rbcbatch.cli import app
-from rbcbatch.deidentify import (
+from rbcbatch.engine.run import run
+from rbcbatch.errors import DeidentifyError
+from rbcbatch.io.deidentify import (
     KEY_ENV,
     key_from_env,
     key_id,
@@ -23,9 +25,7 @@ from rbcbatch.deidentify import (
     row_deidentifier,
     withhold_uri,
 )
-from rbcbatch.errors import DeidentifyError
-from rbcbatch.pipeline import run
-from rbcbatch.sinks import RunStore
+from rbcbatch.store.run_store import RunStore
 
 KEY = b"a de-identification key, 41 bytes long.."
 OTHER_KEY = b"another key of at least sixteen bytes"
@@ -82,7 +82,7 @@ def test_identified_folder_refuses_deidentified_results(tmp_path):
 def cohort(tmp_path_factory) -> Path:
     """Two patients × one 360×480 field, P001 with a CBC, and a P003 slide whose file is
     missing (its failure must not name it either)."""
-    from rbcbatch.synth import synth_cohort
+    from rbcbatch.dev.synth import synth_cohort
 
     out = tmp_path_factory.mktemp("deid_cohort")
     catalog = synth_cohort(out, n_patients=2, images_per_patient=1, seed=5, height=360, width=480)

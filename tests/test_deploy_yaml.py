@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 
 from rbcbatch import __version__
 from rbcbatch.cli import app
-from rbcbatch.jobs import cluster_path_problems, load_spec
+from rbcbatch.jobs.specs import cluster_path_problems, load_spec
 from tests.conftest import REPO
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -406,11 +406,28 @@ def test_dockerfile_builds_on_the_projects_ray_and_installs_the_package():
     assert "ENV RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1" in instructions
 
 
-def test_the_weights_ship_inside_the_package():
+def test_every_data_file_ships_inside_the_package():
+    """Weights, grading schemes, SQL and templates: each matched by its package's package-data."""
+    from fnmatch import fnmatch
+
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["rbcbatch"]
-    weights = sorted((REPO / "rbcbatch" / "weights").glob("*.safetensors"))
-    assert weights and "weights/*.safetensors" in patterns
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
+    files = [
+        p
+        for p in (REPO / "rbcbatch").rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    ]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        package = path.parent
+        while not (package / "__init__.py").exists():
+            package = package.parent
+        name = ".".join(package.relative_to(REPO).parts)
+        relative = path.relative_to(package).as_posix()
+        patterns = package_data.get(name, [])
+        assert any(fnmatch(relative, pattern) for pattern in patterns), (
+            f"{path.relative_to(REPO)} is not in package-data of {name}"
+        )
 
 
 # -- the cloud VM cluster ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rbcbatch.evaluate import (
+from rbcbatch.dev.evaluate import (
     ANERBC_HELD_OUT,
     default_models,
     evaluate_anerbc,
@@ -39,7 +39,10 @@ def test_classical_foreground_dice_on_held_out_anerbc(models):
 
 
 def test_rules_find_spherocytes_among_segmented_cells(models):
-    rows = {r["class"]: r for r in evaluate_morphology(models, n_images=6, seed=7, height=360, width=480)}
+    rows = {
+        r["class"]: r
+        for r in evaluate_morphology(models, n_images=6, seed=7, height=360, width=480)
+    }
     assert rows["spherocyte"]["true_cells"] >= 20
     assert rows["spherocyte"]["recall"] >= 0.85 and rows["spherocyte"]["precision"] >= 0.8
     assert rows["normal"]["recall"] >= 0.85

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from rbcbatch.cli import app
 from rbcbatch.errors import JobSpecError, RbcbatchError
-from rbcbatch.jobs import (
+from rbcbatch.jobs.specs import (
     KINDS,
     check_spec,
     env_storage_options,

@@ -21,10 +21,11 @@ import pytest
 import zarr
 from scipy.spatial import cKDTree
 
+from rbcbatch.dev.synth_wsi import four_patches, write_pyramid
+from rbcbatch.engine.config import Models, RunConfig
+from rbcbatch.engine.slide import segment_slide
 from rbcbatch.measure import measure_cells
-from rbcbatch.pipeline import Models, RunConfig, segment_slide
-from rbcbatch.sinks import mask_level_shapes
-from rbcbatch.synth_wsi import four_patches, write_pyramid
+from rbcbatch.store.masks import mask_level_shapes
 
 pytestmark = pytest.mark.slow
 

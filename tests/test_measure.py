@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from skimage.draw import disk, ellipse
 
-from rbcbatch.measure import CELL_MEASURES, measure_cells, optical_density
+from rbcbatch.measure import CELL_MEASURES, measure_cells
 
 BACKGROUND = (235, 225, 230)
 CELL_RGB = (190, 90, 110)
@@ -158,26 +158,19 @@ def test_upsampled_labels_keep_round_cells_round(factor):
     )
 
 
-def test_optical_density_by_hand():
-    image = np.array([[[200, 100, 20], [250, 250, 250]]], dtype=np.uint8)
-    od = optical_density(image, np.array([200.0, 200.0, 200.0]))
-    # (0 + log10(2) + log10(10)) / 3; the brighter-than-background pixel reads 0, not < 0.
-    assert od[0, 0] == pytest.approx((math.log10(2) + 1) / 3, rel=1e-5)
-    assert od[0, 1] == 0
-
-
 def test_mean_od_uses_given_or_estimated_background():
     labels, image = blank()
     draw_disk(labels, image, (32, 32), 10, 1, rgb=(100, 100, 100))
     image[labels == 0] = (200, 200, 200)
     estimated = measure_cells(labels, image, 0.5)
     given = measure_cells(labels, image, 0.5, background_rgb=(200.0, 200.0, 200.0))
-    assert estimated["mean_od"][0] == pytest.approx(math.log10(2), rel=1e-5)
-    assert given["mean_od"][0] == pytest.approx(math.log10(2), rel=1e-5)
+    # The one optical density (rbcbatch.imaging.density): ln((200 + 1) / (100 + 1)).
+    assert estimated["mean_od"][0] == pytest.approx(math.log(201 / 101), rel=1e-5)
+    assert given["mean_od"][0] == pytest.approx(math.log(201 / 101), rel=1e-5)
     # No background at all: 255 is assumed.
     labels[:] = 1
     full = measure_cells(labels, np.full_like(image, 51), 0.5)
-    assert full["mean_od"][0] == pytest.approx(math.log10(5), rel=1e-5)
+    assert full["mean_od"][0] == pytest.approx(math.log(256 / 52), rel=1e-5)
 
 
 def test_central_pallor():

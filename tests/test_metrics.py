@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rbcbatch import metrics
-from rbcbatch.metrics import foreground_scores, match_instances
+from rbcbatch.evaluation import metrics
+from rbcbatch.evaluation.metrics import foreground_scores, match_instances
 
 
 def _square(shape: tuple[int, int], y: int, x: int, size: int, value: int = 1) -> np.ndarray:

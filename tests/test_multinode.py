@@ -18,7 +18,7 @@ import pytest
 import zarr
 
 from rbcbatch.analytics import connect
-from rbcbatch.pipeline import run
+from rbcbatch.engine.run import run
 from tests.test_pipeline import assert_same_rows, read_cells
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    from rbcbatch.synth import synth_cohort
+    from rbcbatch.dev.synth import synth_cohort
 
     out = tmp_path_factory.mktemp("multinode_cohort")
     return synth_cohort(out, n_patients=5, images_per_patient=2, seed=23, height=360, width=480)

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from rbcbatch.pipeline import run
-from rbcbatch.sinks import cells_schema
+from rbcbatch.engine.run import run
+from rbcbatch.store.schema import cells_schema
 
 pytestmark = pytest.mark.slow
 RBCBATCH = [sys.executable, "-m", "rbcbatch.cli"]
@@ -203,7 +203,7 @@ def test_resume_after_a_real_kill_gives_the_clean_run(clean_run, tiny_cohort, tm
 
 
 def test_demo_agreement_against_truth(clean_run, tiny_cohort):
-    from rbcbatch.demo import agreement_tables
+    from rbcbatch.dev.demo import agreement_tables
 
     out, _ = clean_run
     tables = dict(agreement_tables(str(out), tiny_cohort.parent / "truth.parquet"))
@@ -238,7 +238,8 @@ def test_missing_pixel_size_is_estimated_and_recorded(tiny_cohort, ray_local, tm
 
 
 def test_actor_pool_takes_gpus_for_learned_models_only():
-    from rbcbatch.pipeline import RunConfig, actor_pool_shape
+    from rbcbatch.engine.config import RunConfig
+    from rbcbatch.engine.run import actor_pool_shape
 
     cluster = {"CPU": 16.0, "GPU": 2.0}
     assert actor_pool_shape(RunConfig(), cluster, None, 100) == (16, {"num_cpus": 1})
@@ -248,7 +249,7 @@ def test_actor_pool_takes_gpus_for_learned_models_only():
 
 
 def test_learned_classifier_writes_probabilities_and_embeddings(tiny_cohort, ray_local, tmp_path):
-    from rbcbatch.pipeline import RunConfig
+    from rbcbatch.engine.config import RunConfig
 
     lines = tiny_cohort.read_text().splitlines()
     rows = [

@@ -11,9 +11,11 @@ import pytest
 import zarr
 from scipy.spatial import cKDTree
 
-from rbcbatch.catalog import SlideSpec
-from rbcbatch.pipeline import Models, RunConfig, SlideProcessor, stable_hash
-from rbcbatch.regions import (
+from rbcbatch.dev.synth import render_field
+from rbcbatch.dev.synth_wsi import write_tiled
+from rbcbatch.engine.config import Models, RunConfig, stable_hash
+from rbcbatch.engine.processor import SlideProcessor
+from rbcbatch.engine.regions import (
     GlassView,
     SlideGrid,
     darkest_windows,
@@ -23,12 +25,13 @@ from rbcbatch.regions import (
     region_cores,
     region_tiles,
 )
-from rbcbatch.sinks import MANIFEST_FIELDS, RunStore, fill_pyramid, mask_level_shapes
-from rbcbatch.sources import resample, resize_labels
-from rbcbatch.synth import render_field
-from rbcbatch.synth_wsi import write_tiled
-from rbcbatch.tiling import TileGeometry, tile_grid
-from rbcbatch.wsi import open_slide
+from rbcbatch.imaging.tiling import TileGeometry, tile_grid
+from rbcbatch.io.catalog import SlideSpec
+from rbcbatch.io.sources import resample, resize_labels
+from rbcbatch.io.wsi import open_slide
+from rbcbatch.store.masks import fill_pyramid, mask_level_shapes
+from rbcbatch.store.run_store import RunStore
+from rbcbatch.store.schema import MANIFEST_FIELDS
 from tests.test_wsi import gradient_image
 
 GEOMETRY = TileGeometry(512, 96, 0.25)

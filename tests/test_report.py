@@ -18,7 +18,15 @@ from typer.testing import CliRunner
 
 from rbcbatch.analytics import connect
 from rbcbatch.cli import app
-from rbcbatch.report import (
+from rbcbatch.report.cells import (
+    CROP_PX,
+    CROPS_PER_CLASS,
+    OUTLINE_RGB,
+    crop_box,
+    outlined_crop,
+    padded_window,
+)
+from rbcbatch.report.html import (
     build_report,
     find_chromium,
     format_value,
@@ -26,14 +34,6 @@ from rbcbatch.report import (
     screenshot,
     shift_section,
     table_cells,
-)
-from rbcbatch.report_cells import (
-    CROP_PX,
-    CROPS_PER_CLASS,
-    OUTLINE_RGB,
-    crop_box,
-    outlined_crop,
-    padded_window,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -107,9 +107,9 @@ def png_of(uri: str) -> Image.Image:
 def quick_shift_options() -> dict | None:
     """A smaller t-SNE map and fewer permutations than the report's defaults: same code, less
     time (the shift analysis has its own tests)."""
-    if importlib.util.find_spec("rbcbatch.shift") is None:
+    if importlib.util.find_spec("rbcbatch.analytics.shift") is None:
         return None
-    from rbcbatch.shift import ShiftSettings
+    from rbcbatch.analytics.shift import ShiftSettings
 
     return {"settings": ShiftSettings(map_cells=300, n_permutations=20)}
 
@@ -245,8 +245,8 @@ def test_provenance_names_the_run_and_models(tiny_resnet_run, report_html):
 @pytest.mark.slow
 def test_shift_section(tiny_resnet_run, report_html):
     assert "--classifier resnet" in shift_section(str(tiny_resnet_run), 0, None)["note"]
-    if importlib.util.find_spec("rbcbatch.shift") is None:
-        assert "rbcbatch.shift is not available" in report_html
+    if importlib.util.find_spec("rbcbatch.analytics.shift") is None:
+        assert "rbcbatch.analytics.shift is not available" in report_html
     else:
         assert 'id="shift-table"' in report_html
         assert 'alt="dataset-shift map"' in report_html
@@ -394,7 +394,7 @@ def test_chromium_renders_the_report_as_a_page(report_html, tmp_path):
 
 
 def test_best_match_pairs_cells_by_iou():
-    from rbcbatch.evaluate import best_match
+    from rbcbatch.evaluation.metrics import best_match
 
     pred = np.zeros((6, 6), dtype=np.uint32)
     true = np.zeros((6, 6), dtype=np.uint32)
@@ -420,7 +420,7 @@ def test_values_are_rounded_for_reading():
 
 
 def test_a_run_with_nothing_committed_gives_a_report_that_says_so(tmp_path):
-    from rbcbatch.sinks import RunStore
+    from rbcbatch.store.run_store import RunStore
 
     RunStore(str(tmp_path / "run")).open({"segmenter": {"name": "classical"}}, "cfg1")
     document = build_report(str(tmp_path / "run"))

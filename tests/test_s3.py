@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 
 from rbcbatch.analytics import connect, query
 from rbcbatch.cli import app
+from rbcbatch.engine.run import run
 from rbcbatch.errors import CatalogError
-from rbcbatch.pipeline import run
-from rbcbatch.sources import read_slide
-from rbcbatch.storage import (
+from rbcbatch.io.sources import read_slide
+from rbcbatch.io.storage import (
     REDACTED,
     S3_BLOCK_SIZE,
     StorageError,

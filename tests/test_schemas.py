@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
+from rbcbatch.cli.schemas import check_schema_files, documents
 from rbcbatch.measure import CELL_MEASURES
-from rbcbatch.schemas import check_schema_files, documents
 from tests.conftest import REPO
 
 
@@ -16,8 +16,20 @@ def test_cells_schema_holds_every_measure_with_its_type():
     types = {c["name"]: c["type"] for c in doc["columns"]}
     for name, dtype in CELL_MEASURES.items():
         assert types[name] == str(dtype)
-    for required in ("run_id", "slide_id", "patient_id", "cell_id", "class", "kind", "centroid_x",
-                     "centroid_y", "area_um2", "diameter_um", "config_hash", "model_hash"):
+    for required in (
+        "run_id",
+        "slide_id",
+        "patient_id",
+        "cell_id",
+        "class",
+        "kind",
+        "centroid_x",
+        "centroid_y",
+        "area_um2",
+        "diameter_um",
+        "config_hash",
+        "model_hash",
+    ):
         assert required in types
 
 

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from rbcbatch import synth
-from rbcbatch.classify import OBJECT_KINDS
-from rbcbatch.metrics import match_instances
-from rbcbatch.segment import (
+from rbcbatch.dev import synth
+from rbcbatch.evaluation.metrics import match_instances
+from rbcbatch.segment.classical import (
     ClassicalParams,
     ClassicalSegmenter,
     Segmentation,
     SlideStats,
     estimate_slide_stats,
 )
+from rbcbatch.vocabulary import OBJECT_KINDS
 
 RBC, WBC = OBJECT_KINDS["rbc"], OBJECT_KINDS["wbc"]
 FIELDS = [("normal", "site_a"), ("hs", "site_b"), ("ida", "site_a"), ("hs", "site_a")]

@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("segmentation_models_pytorch")
 
+from rbcbatch.dev.train_segmenter import smoke_f1, smoke_fields  # noqa: E402
 from rbcbatch.errors import WeightsError  # noqa: E402
-from rbcbatch.metrics import foreground_scores  # noqa: E402
+from rbcbatch.evaluation.metrics import foreground_scores  # noqa: E402
 from rbcbatch.models import WEIGHTS_DIR, file_sha256  # noqa: E402
-from rbcbatch.segment import estimate_slide_stats  # noqa: E402
-from rbcbatch.segment_unet import UNetSegmenter  # noqa: E402
-from rbcbatch.train_segmenter import smoke_f1, smoke_fields  # noqa: E402
+from rbcbatch.segment.classical import estimate_slide_stats  # noqa: E402
+from rbcbatch.segment.unet import UNetSegmenter  # noqa: E402
 from tests.conftest import shared_dataset  # noqa: E402
 
 WEIGHTS = WEIGHTS_DIR / "unet_rbc.safetensors"
@@ -87,7 +87,7 @@ def test_corrupt_weights_raise(tmp_path) -> None:
 
 
 def test_held_out_anerbc_tile(seg: UNetSegmenter) -> None:
-    from rbcbatch.datasets import anerbc_pairs, anerbc_split, load_anerbc
+    from rbcbatch.dev.datasets import anerbc_pairs, anerbc_split, load_anerbc
 
     root = shared_dataset("anerbc_sample")
     pair = next(p for p in anerbc_split(anerbc_pairs(root))["test"] if p["name"] == "005_a")

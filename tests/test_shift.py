@@ -2,7 +2,7 @@
 
 Three laboratories image the same kinds of patients (normal, HS, IDA) with the same site
 parameters: `lab_ref` (the reference, the most fields), `lab_same` (other patients, other seeds)
-and `lab_stain` (as lab_same, but the stain moved by one unit of `rbcbatch.synth`'s stain shift,
+and `lab_stain` (as lab_same, but the stain moved by one unit of `rbcbatch.dev.synth`'s stain shift,
 about the distance between the two synthetic sites). One pipeline run with the learned
 classifier (so every red cell has an embedding) serves every test of the module.
 """
@@ -22,9 +22,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
-from rbcbatch.cli import app
-from rbcbatch.jobs import load_spec, run_job
-from rbcbatch.shift import (
+from rbcbatch.analytics.shift import (
     ShiftError,
     ShiftSettings,
     balanced_sample,
@@ -36,6 +34,8 @@ from rbcbatch.shift import (
     shift_analysis,
     shift_map_png,
 )
+from rbcbatch.cli import app
+from rbcbatch.jobs.specs import load_spec, run_job
 
 # (site name in the catalog, synth seed, stain shift, fields per patient, scanner)
 LABS = [
@@ -49,7 +49,7 @@ SMALL = ShiftSettings(map_cells=600)
 
 def three_lab_catalog(root) -> str:
     """One catalog over three synthetic cohorts, each renamed as its own laboratory."""
-    from rbcbatch.synth import synth_cohort
+    from rbcbatch.dev.synth import synth_cohort
 
     parts = []
     for name, seed, stain_shift, fields, scanner in LABS:
@@ -78,7 +78,8 @@ def three_lab_catalog(root) -> str:
 
 @pytest.fixture(scope="module")
 def shift_run(tmp_path_factory, ray_local) -> str:
-    from rbcbatch.pipeline import RunConfig, run
+    from rbcbatch.engine.config import RunConfig
+    from rbcbatch.engine.run import run
 
     root = tmp_path_factory.mktemp("shift_cohort")
     summary = run(

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from rbcbatch.errors import SlideReadError
-from rbcbatch.sources import decode_image, read_slide, resize_labels, sniff_format, to_rgb_uint8
+from rbcbatch.io.sources import decode_image, read_slide, resize_labels, sniff_format, to_rgb_uint8
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -30,10 +30,17 @@ def huge_png_header(width: int, height: int) -> bytes:
     """A PNG that declares width×height pixels but carries almost no data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 RGB = np.dstack([np.full((20, 30), v, np.uint8) for v in (200, 100, 50)])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rbcbatch.stitch import centroids, core_object_ids, paint_tile
-from rbcbatch.tiling import TileGeometry, tile_grid
+from rbcbatch.imaging.stitch import centroids, core_object_ids, paint_tile
+from rbcbatch.imaging.tiling import TileGeometry, tile_grid
 
 
 def disks(shape, centres, radius):

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rbcbatch import synth
-from rbcbatch.classify import MORPHOLOGY_CLASSES, OBJECT_KINDS
+from rbcbatch.dev import synth
+from rbcbatch.vocabulary import MORPHOLOGY_CLASSES, OBJECT_KINDS
 
 H, W = 150, 200  # small fields keep the tests fast
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rbcbatch.pipeline import MAX_SLIDE_ATTEMPTS, run
-from rbcbatch.synth import synth_cohort
+from rbcbatch.dev.synth import synth_cohort
+from rbcbatch.engine.processor import MAX_SLIDE_ATTEMPTS
+from rbcbatch.engine.run import run
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from rbcbatch.dev.synth_wsi import Patch, write_pyramid, write_tiled
 from rbcbatch.errors import SlideReadError
-from rbcbatch.synth_wsi import Patch, write_pyramid, write_tiled
-from rbcbatch.wsi import REMOTE_BLOCK_SIZE, is_tiff, open_slide, read_shrunk
+from rbcbatch.io.wsi import REMOTE_BLOCK_SIZE, is_tiff, open_slide, read_shrunk
 
 GLASS = (231, 226, 219)
 

@@ -1,0 +1,127 @@
+"""The learned morphology classifier: µm-normalised crops around each cell → ResNet."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from rbcbatch.classify.calls import CellCalls
+from rbcbatch.classify.crops import cell_crops
+
+
+class ResNetClassifier:
+    """The learned classifier: crops normalised to µm around each centroid → ResNet.
+
+    Loads its weights once (checked against the card's sha256); maps a slide's cells in
+    batches under inference mode.
+    """
+
+    name = "resnet"
+
+    def __init__(self, weights: str = "resnet_cells", device: str | None = None) -> None:
+        from rbcbatch.models import load_model
+
+        device = device or _default_device()
+        self.model, self.card = load_model(weights, device=device)
+        self.classes = tuple(self.card.classes)
+        self.crop_um = float(self.card.um_per_px * self.card.input_px)
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "weights": self.card.name,
+            "sha256": self.card.sha256,
+            "classes": list(self.classes),
+            "crop_um": self.crop_um,
+            "input_px": self.card.input_px,
+        }
+
+    def __call__(
+        self, columns: Mapping[str, np.ndarray], image: np.ndarray, um_per_px: float
+    ) -> CellCalls:
+        n = len(columns["cell_id"])
+        if n == 0:
+            return CellCalls(
+                np.array([], dtype=object),
+                np.zeros(0, np.float32),
+                np.zeros((0, len(self.classes)), np.float32),
+                np.zeros((0, 0), np.float16),
+            )
+        points = np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
+        crops = cell_crops(
+            image, points, um_per_px, crop_um=self.crop_um, out_px=self.card.input_px
+        )
+        probs, embedding = predict_crops(self.model, crops)
+        best = probs.argmax(axis=1)
+        return CellCalls(
+            classes=np.asarray(self.classes, dtype=object)[best],
+            probability=probs[np.arange(n), best].astype(np.float32),
+            probabilities=probs.astype(np.float32),
+            embedding=embedding.astype(np.float16),
+        )
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Per-crop normalisation: a floor on the channel SD so that an empty (flat) crop stays finite
+# (intensities in [0, 1]; a real crop's channel SD is ~0.1).
+NORM_MIN_SD = 0.02
+
+
+def crops_to_tensor(crops: np.ndarray):
+    """uint8 N×H×W×3 RGB -> float32 torch tensor N×3×H×W in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def normalise_crops(x):
+    """Per-crop, per-channel standardisation of float N×3×H×W in [0, 1] (same shape, float32).
+
+    Removes stain strength and illumination differences between sites; shapes (pallor, rim,
+    outline) survive because the transform is affine per channel.
+    """
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    sd = x.std(dim=(2, 3), keepdim=True).clamp_min(NORM_MIN_SD)
+    return (x - mean) / sd
+
+
+def _dihedral(x, k: int):
+    """The k-th of the 8 rotations/flips of a square N×3×H×W batch (k in 0-7)."""
+    x = x.flip(3) if k >= 4 else x
+    return x.rot90(k % 4, dims=(2, 3))
+
+
+def predict_crops(model, crops_uint8: np.ndarray, batch_size: int = 256, tta: bool = False):
+    """Class probabilities and embeddings of cell crops, batched under inference mode.
+
+    crops_uint8: uint8 N×H×W×3 RGB, cut with ``cell_crops`` at the card's µm/px and input_px.
+    ``tta`` averages probabilities and embeddings over the 8 rotations/flips (8x the time).
+    Returns (probs float32 N×C summing to 1, embedding float32 N×D).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    n_classes, dim = model.head.out_features, model.head.in_features
+    probs, embs = [np.empty((0, n_classes), np.float32)], [np.empty((0, dim), np.float32)]
+    views = range(8) if tta else range(1)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(crops_uint8), batch_size):
+            x = normalise_crops(crops_to_tensor(crops_uint8[start : start + batch_size]))
+            x = x.to(device)
+            p, e = 0.0, 0.0
+            for k in views:
+                logits, emb = model(_dihedral(x, k))
+                p = p + torch.softmax(logits.float(), dim=1) / len(views)
+                e = e + emb.float() / len(views)
+            probs.append(p.cpu().numpy())
+            embs.append(e.cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(probs), np.concatenate(embs)

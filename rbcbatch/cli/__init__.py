@@ -1,0 +1,5 @@
+"""The `rbcbatch` command."""
+
+from rbcbatch.cli.main import app
+
+__all__ = ["app"]

@@ -1,0 +1,5 @@
+"""`python -m rbcbatch.cli`: the same command as `rbcbatch`."""
+
+from rbcbatch.cli.main import main
+
+main()

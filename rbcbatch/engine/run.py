@@ -1,0 +1,211 @@
+"""The run: catalog → Ray Data → a pool of slide actors → commits, resumable and idempotent.
+
+Ray Data streams the uncommitted catalog rows to a pool of `SlideProcessor` actors sized from
+the cluster; a slide that fails is a failures row, a lost node's batches are retried elsewhere,
+and a run that stops moving ends with RunStalledError instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from rbcbatch.engine.config import Models, RunConfig, stable_hash
+from rbcbatch.engine.processor import SlideProcessor
+from rbcbatch.errors import RbcbatchError, RunStalledError
+from rbcbatch.io.catalog import load_catalog
+from rbcbatch.io.deidentify import check_run_folder, key_id, row_deidentifier
+from rbcbatch.io.storage import explains_storage_errors, resolve_options
+from rbcbatch.store.run_store import RunStore
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    total: int
+    skipped: int
+    processed: int
+    failed: list[dict]
+    objects: int
+    seconds: float
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+
+def actor_pool_shape(
+    config: RunConfig, cluster: dict, workers: int | None, pending: int
+) -> tuple[int, dict]:
+    """Pool size and per-actor resources: one GPU per actor for learned models where GPUs
+    exist, else one CPU per actor; never more actors than slides."""
+    learned = config.segmenter != "classical" or config.classifier != "rules"
+    gpus = int(cluster.get("GPU", 0))
+    if learned and gpus:
+        return max(1, min(workers or gpus, gpus, pending)), {"num_gpus": 1, "num_cpus": 1}
+    cpus = int(cluster.get("CPU", 1))
+    return max(1, min(workers or cpus, pending)), {"num_cpus": 1}
+
+
+# Seconds without any slide batch entering or leaving the worker pool after which a run is
+# declared stuck. Ray Data's own default (30 min), so a legitimately slow batch of large slides
+# is not cut short; a lost node that nothing replaces ends the run instead of hanging it.
+STALL_TIMEOUT_S = 1800.0
+
+
+def ray_stall_timeout(stall_timeout_s: float | None) -> float:
+    """Ray Data's no-progress timeout for a stall timeout in seconds (None or ≤ 0: never)."""
+    return float(stall_timeout_s) if stall_timeout_s and stall_timeout_s > 0 else -1.0
+
+
+def stalled_message(timeout_s: float, pending: list[str], finished: set[str]) -> str:
+    """What a stuck run tells the person who started it: how far it got and what to do."""
+    left = [slide_id for slide_id in pending if slide_id not in finished]
+    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    return (
+        f"no slide moved through the worker pool for {timeout_s:g} s: "
+        f"{len(pending) - len(left)} of {len(pending)} slides finished, not finished: {shown}. "
+        "The cluster may have lost a node that nothing replaced (or lacks the CPUs/GPUs the "
+        "actors need), or a read never returned. Committed slides are kept; run again to resume, "
+        "or raise the stall timeout if one batch of slides really takes this long."
+    )
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a cluster (address or RAY_ADDRESS) or start a local one bound to loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # "local": a new Ray even when `ray start` left a cluster's address file on this host
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=False,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@explains_storage_errors("catalog_uri", "out")
+def run(
+    catalog_uri: str,
+    out: str,
+    config: RunConfig | None = None,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    storage_options: dict | None = None,
+    new_config: bool = False,
+    slides_per_batch: int = 2,
+    stall_timeout_s: float | None = STALL_TIMEOUT_S,
+    on_start: Callable[[int, int], None] | None = None,
+    on_slide: Callable[[dict], None] | None = None,
+    deidentify_key: bytes | None = None,
+) -> RunSummary:
+    """Process every uncommitted slide of a catalog into `out`; resumable and idempotent.
+
+    Survives the loss of worker nodes while others (or replacements) can take over the actors;
+    raises RunStalledError when no slide batch moves for `stall_timeout_s` (None: wait forever).
+    With `deidentify_key`, patient and slide ids are keyed hashes from the catalog on and no
+    output holds an image URI (rbcbatch.io.deidentify).
+    """
+    config = config or RunConfig()
+    if deidentify_key is not None:
+        config = replace(config, deidentify_key_id=key_id(deidentify_key))
+    started = time.perf_counter()
+    storage_options = resolve_options(storage_options, catalog_uri, out)
+    catalog = load_catalog(catalog_uri, storage_options, row_deidentifier(deidentify_key))
+    storage_options = resolve_options(storage_options, *(s.uri for s in catalog.slides))
+    models = Models(config)
+    description = models.describe()
+    store = RunStore(out, storage_options, deidentified=bool(config.deidentify_key_id))
+    check_run_folder(store, config.deidentify_key_id)
+    store.open(description, stable_hash(description), allow_new_config=new_config)
+    run_id = new_run_id()
+    failed: list[dict] = []
+    for failure in catalog.rejected:
+        store.record_failure(failure, run_id, f"catalog-row-{len(failed) + 1}")
+        failed.append(
+            {
+                "slide_id": failure.slide_id,
+                "status": "failed",
+                "message": f"catalog: {failure.message}",
+            }
+        )
+    done = store.committed()
+    pending = [s for s in catalog.slides if s.slide_id not in done]
+    if on_start:
+        on_start(len(pending), len(catalog.slides) - len(pending))
+    objects = 0
+    if pending:
+        connect_ray(address)
+        import ray
+        from ray.data.exceptions import ExecutionTimeoutError
+
+        size, resources = actor_pool_shape(config, ray.cluster_resources(), workers, len(pending))
+        items = [s.to_dict() for s in pending]
+        blocks = max(1, len(items) // slides_per_batch)
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            SlideProcessor,
+            fn_constructor_kwargs={
+                "run_url": out,
+                "storage_options": storage_options,
+                "config": config.to_dict(),
+                "run_id": run_id,
+            },
+            batch_size=slides_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            # Only CPU/GPU counts, never a node-specific resource: an actor lost with its node is
+            # restarted wherever a CPU/GPU is free, and the batches it held are retried there
+            # (Ray Data's actor-pool defaults, max_restarts=-1 and max_task_retries=-1; passing
+            # them here is deprecated). A redone slide overwrites what its lost attempt left:
+            # its outputs go to fixed paths and its commit record is written last.
+            **resources,
+        )
+        ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
+        # An error that escapes a slide's own failure handling (the store itself is unreachable)
+        # reaches the driver as itself, not as Ray's UserCodeException, so run() can say what
+        # happened (StorageError) instead of printing a worker's traceback.
+        ds.context.raise_original_map_exception = True
+        finished: set[str] = set()
+        try:
+            for row in ds.iter_rows():
+                row = dict(row)
+                finished.add(row["slide_id"])
+                objects += int(row["n_objects"])
+                if row["status"] != "ok":
+                    failed.append(row)
+                if on_slide:
+                    on_slide(row)
+        except ExecutionTimeoutError as e:
+            store.finalize()  # the manifest shows what was committed before the stall
+            pending_ids = [s.slide_id for s in pending]
+            raise RunStalledError(stalled_message(stall_timeout_s, pending_ids, finished)) from e
+        store.clear_attempts(run_id)
+    store.finalize()
+    if not pending and not catalog.slides and not catalog.rejected:
+        raise RbcbatchError(f"catalog {catalog_uri} has no rows")
+    return RunSummary(
+        run_id,
+        len(catalog.slides) + len(catalog.rejected),
+        len(done & {s.slide_id for s in catalog.slides}),
+        len(pending),
+        failed,
+        objects,
+        time.perf_counter() - started,
+    )

@@ -1,0 +1,1 @@
+"""Scores against truth (instance matching, Dice, IoU, precision/recall) for any stage."""

@@ -66,7 +66,7 @@ def naive_loop(catalog: Path, out: Path, config) -> float:
         columns = measure_cells(labels, image, spec.um_per_px, background_rgb=stats.background_rgb)
         calls = models.classifier(columns, image, spec.um_per_px)
         table = cells_table(columns, kinds, calls, models, spec, provenance)
-        store.write_mask(spec.slide_id, labels, spec.um_per_px, {"slide_id": spec.slide_id})
+        store.write_mask(spec.slide_id, labels, spec.um_per_px, {"slide_id": spec.slide_id}, image)
         store.write_cells(spec.cohort, spec.patient_id, spec.slide_id, table)
     return time.perf_counter() - started
 

@@ -38,6 +38,10 @@ class RunDirError(RbcbatchError):
     """The output folder holds a run that this invocation must not mix with."""
 
 
+class RunFolderInUseError(RunDirError):
+    """Another `rbcbatch run` holds the output folder's lease."""
+
+
 class WeightsError(RbcbatchError):
     """A model's weights file is missing, corrupt or does not match its card."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -14,11 +15,52 @@ SHARED_DATA = Path(os.environ.get("RBCBATCH_SHARED_DATA", REPO.parent / "shared"
 
 
 def shared_dataset(name: str) -> Path:
-    """Path of a real data set beside the repository, or skip the test saying why."""
+    """Path of a real data set beside the repository, or skip the test saying why.
+
+    Under CI (the CI variable set) a missing data set fails the test instead: CI has
+    ../shared/data, so its absence is a broken checkout, not a reason to pass.
+    """
     path = SHARED_DATA / name
     if not path.is_dir():
-        pytest.skip(f"real data set {name!r} not found at {path} (set RBCBATCH_SHARED_DATA)")
+        why = f"real data set {name!r} not found at {path} (set RBCBATCH_SHARED_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI is set, so the real-data tests must run", pytrace=False)
+        pytest.skip(why)
     return path
+
+
+def catalog_rows(catalog: Path) -> list[dict]:
+    """The catalog's rows with absolute image paths, so a catalog can live anywhere."""
+    with open(catalog, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["uri"] = str(catalog.parent / row["uri"])
+    return rows
+
+
+def write_catalog(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def wait_until_serving(url: str, proc, seconds: float, what: str, log=None) -> None:
+    """Poll `url` until it answers; fail the test if `proc` exits or `seconds` pass first."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                detail = log() if log else f"exit {proc.poll()}"
+                pytest.fail(f"{what} did not come up at {url}:\n{detail}")
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +124,6 @@ def s3_endpoint():
     """A real S3 API on loopback (moto's server in its own process); yields its URL."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -94,15 +134,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto S3 server did not start on {url} (exit {proc.poll()})")
-                time.sleep(0.2)
+        wait_until_serving(f"{url}/moto-api/data.json", proc, 60, "moto's S3 server")
         yield url
     finally:
         proc.stdin.close()

@@ -135,6 +135,13 @@ def test_deidentified_run_writes_no_raw_id_and_resumes(cohort, tmp_path, ray_loc
     # The scan read every kind of output: cells, manifest and failures; records and run.json;
     # Zarr metadata with the mask attributes.
     assert kinds["parquet"] >= 4 and kinds["json"] >= 3 and kinds["zarr.json"] >= 4, kinds
+    # No slide pixels either: the labels' parent image (the overview) stores no chunk, the
+    # labels do.
+    slides_dirs = [d for d in (out / "masks.zarr").iterdir() if d.is_dir()]
+    assert len(slides_dirs) == 2
+    for d in slides_dirs:
+        assert not [p for p in d.glob("[0-9]*/c/**/*") if p.is_file()], d
+        assert [p for p in d.glob("labels/cells/0/c/**/*") if p.is_file()], d
 
     pt = {p: pseudonym(p, KEY) for p in ("P001", "P002")}
     seen = leaks(out, [pt["P001"].encode()])[0]  # the scan does find what is there

@@ -202,7 +202,8 @@ def all_invocations() -> list[tuple[str, list[str]]]:
 # -- the checker can fail ------------------------------------------------------------------------
 def test_the_command_checker_rejects_unknown_commands_and_options():
     assert check_rbcbatch_argv(["rbcbatch", "run-job", "jobs/nightly.yaml"]) == {
-        "spec": "jobs/nightly.yaml"
+        "spec": "jobs/nightly.yaml",
+        "verbose": False,
     }
     for argv in (
         ["rbcbatch", "runjob", "jobs/nightly.yaml"],

@@ -3,7 +3,6 @@ processes only what is new, and a spec submitted to a cluster becomes a real CLI
 
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import shlex
@@ -26,11 +25,11 @@ from rbcbatch.jobs.specs import (
     env_storage_options,
     load_spec,
     run_job,
-    submission,
-    submit,
     training_call,
 )
-from tests.conftest import REPO
+from rbcbatch.jobs.submit import JobEnd, job_command, own_lines, submission, submit
+from rbcbatch.store.run_store import RunStore
+from tests.conftest import REPO, catalog_rows, write_catalog
 from tests.test_deploy_yaml import check_rbcbatch_argv
 
 JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
@@ -174,7 +173,7 @@ def test_run_job_runs_the_shift_spec_and_says_when_its_run_folder_is_missing(tmp
 def test_a_local_spec_is_sent_alone_and_run_by_a_real_command(tmp_path):
     argv, runtime_env = submission(str(REPO / "jobs" / "nightly.yaml"), tmp_path)
     entrypoint = shlex.join(argv)
-    assert check_rbcbatch_argv(shlex.split(entrypoint)) == {"spec": "nightly.yaml"}
+    assert check_rbcbatch_argv(shlex.split(entrypoint))["spec"] == "nightly.yaml"
     working_dir = Path(runtime_env["working_dir"])
     assert sorted(p.name for p in working_dir.iterdir()) == ["nightly.yaml"]
     assert load_spec(working_dir / argv[2]) == load_spec(REPO / "jobs" / "nightly.yaml")
@@ -185,6 +184,64 @@ def test_a_spec_at_a_url_is_read_by_the_job_itself(tmp_path):
     assert argv == ["rbcbatch", "run-job", "s3://bucket/jobs/nightly.yaml"] and runtime_env == {}
     check_rbcbatch_argv(argv)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_named_python_runs_the_same_command_as_a_module(tmp_path):
+    argv, _ = submission(str(REPO / "jobs" / "nightly.yaml"), tmp_path, python="/opt/py/bin/python")
+    assert argv[:3] == ["/opt/py/bin/python", "-m", "rbcbatch.cli"]
+    assert check_rbcbatch_argv(["rbcbatch", *argv[3:]])["spec"] == "nightly.yaml"
+    assert job_command("python3") == ["python3", "-m", "rbcbatch.cli"]  # from the cluster's PATH
+    with pytest.raises(RbcbatchError, match="give an absolute path"):
+        job_command(".venv/bin/python")  # it would be looked for in the job's working dir
+    result = CliRunner().invoke(app, ["submit", str(REPO / "jobs" / "nightly.yaml"), "--address",
+                                      "http://127.0.0.1:1", "--python", ".venv/bin/python"])  # fmt: skip
+    assert result.exit_code == 2 and "a relative path means nothing" in said(result)
+
+
+ENTRYPOINT = "JOB_ENTRYPOINT_COMMAND_ERROR"
+
+
+@pytest.mark.parametrize(
+    ("status", "driver_exit_code", "exit_code", "says"),
+    [
+        ("SUCCEEDED", 0, 0, "SUCCEEDED"),
+        ("FAILED", 1, 1, "FAILED (exit status 1)"),  # run-job: some slides failed
+        ("FAILED", 2, 2, "FAILED (exit status 2)"),  # run-job: a bad spec or configuration
+        ("FAILED", 127, 2, "the cluster could not start rbcbatch"),
+        ("FAILED", None, 2, "FAILED: runtime env setup failed"),
+        ("STOPPED", None, 2, "STOPPED: Job was intentionally stopped."),
+    ],
+)
+def test_a_jobs_end_is_told_with_run_jobs_own_exit_status(
+    status, driver_exit_code, exit_code, says
+):
+    if driver_exit_code is not None:  # the entrypoint ran: the server's message adds nothing
+        message, error_type = "Job entrypoint command failed, last available logs", ENTRYPOINT
+    else:
+        message, error_type = says.split(": ", 1)[1], None
+    tail = [] if status == "SUCCEEDED" else ["error: catalog not found: /x.csv"]
+    end = JobEnd("raysubmit_x", status, driver_exit_code, message, error_type, tail)
+    assert end.exit_code == exit_code
+    report = "\n".join(end.report("http://head:8265"))
+    assert says in report and "last available logs" not in report
+    if status != "SUCCEEDED":
+        assert report.endswith("ray job logs raysubmit_x --address http://head:8265):\n"
+                               "  error: catalog not found: /x.csv")  # fmt: skip
+
+
+def test_a_jobs_own_lines_are_told_apart_from_rays():
+    log = (
+        "2026-12-01 22:50:09,315\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+        "Running entrypoint for job raysubmit_x: rbcbatch run-job job.yaml\n"
+        "[2026-12-01 22:50:10,001 W 123 456] core_worker.cc:12: a warning from Ray\n"
+        "nightly: 2 new slide(s) and 0 earlier failure(s) to process\n"
+        "\n"
+        "Traceback (most recent call last):\n"
+    )
+    assert own_lines(log) == [
+        "nightly: 2 new slide(s) and 0 earlier failure(s) to process",
+        "Traceback (most recent call last):",
+    ]
 
 
 def test_submit_refuses_local_relative_paths_before_contacting_anything():
@@ -209,29 +266,14 @@ def test_submit_without_a_job_server_says_where_it_looked():
 
 
 # -- the nightly incremental run -----------------------------------------------------------------
-def catalog_rows(catalog: Path) -> list[dict]:
-    """The catalog's rows with absolute image paths, so a catalog can live anywhere."""
-    with open(catalog, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["uri"] = str(catalog.parent / row["uri"])
-    return rows
-
-
-def write_catalog(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def slide_files(out: Path, slide_id: str) -> list[Path]:
-    """A slide's cells file and every file of its mask group."""
-    cells = list((out / "cells").rglob(f"{slide_id}.parquet"))
+def slide_files(out: Path, slide_id: str, cells: bool = True) -> list[Path]:
+    """Every file of a slide's mask group, and the cells file holding its rows: its patient's,
+    which a later run rewrites only when the patient has new slides."""
+    record = json.loads((out / "_slides" / f"{slide_id}.json").read_text())
+    patient = Path(RunStore(str(out)).patient_cells_path(record["cohort"], record["patient_id"]))
     masks = [p for p in (out / "masks.zarr" / slide_id).rglob("*") if p.is_file()]
-    assert len(cells) == 1 and masks, slide_id
-    return cells + masks
+    assert patient.is_file() and masks, slide_id
+    return [patient, *masks] if cells else masks
 
 
 def snapshot(paths: list[Path]) -> dict:
@@ -266,7 +308,8 @@ def test_nightly_processes_only_new_slides_and_ends_like_one_clean_run(
     assert first.summary.processed == 4 and first.exit_code == 1
     assert [f["slide_id"] for f in first.summary.failed] == [late["slide_id"]]
     done = [r["slide_id"] for r in rows[:3]]
-    before = snapshot([p for s in done for p in slide_files(out, s)])
+    # rows[2]'s patient gets rows[3] the second night: its cells file is rewritten to hold both
+    before = snapshot([p for s in done for p in slide_files(out, s, cells=s != done[2])])
 
     shutil.copyfile(late["uri"], late_image)
     write_catalog(catalog, rows)  # the catalog grows
@@ -277,7 +320,7 @@ def test_nightly_processes_only_new_slides_and_ends_like_one_clean_run(
         in said(result)
     )
     assert "3 slide(s) processed, 3 already committed" in said(result)
-    assert snapshot([p for s in done for p in slide_files(out, s)]) == before
+    assert snapshot([p for s in done for p in slide_files(out, s, cells=s != done[2])]) == before
 
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert sorted(m["slide_id"] for m in manifest) == sorted(r["slide_id"] for r in rows)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import zarr
 from scipy.spatial import cKDTree
@@ -26,6 +25,7 @@ from rbcbatch.engine.config import Models, RunConfig
 from rbcbatch.engine.slide import segment_slide
 from rbcbatch.measure import measure_cells
 from rbcbatch.store.masks import mask_level_shapes
+from rbcbatch.store.run_store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_40k_slide_in_bounded_memory_every_cell_once(tmp_path):
     )
     assert record["peak_rss_mb"] < PEAK_RSS_BOUND_MB
 
-    cells = pq.read_table(run_dir / "cells" / "cohort=c1" / "patient_id=p1" / "big.parquet")
+    cells = RunStore(str(run_dir)).read_cells("big")
     ids = cells["cell_id"].to_numpy()
     assert record["n_objects"] == cells.num_rows == len(np.unique(ids))
     found = centroids(cells)
@@ -130,7 +130,7 @@ def test_40k_slide_in_bounded_memory_every_cell_once(tmp_path):
     assert not (touches & ~in_patch[3]).any()
 
     # masks: full-size level 0, the pyramid, labels = the rows' ids, glass chunks never stored
-    group = zarr.open_group(str(run_dir / "masks.zarr" / "big"), mode="r")
+    group = zarr.open_group(str(run_dir / "masks.zarr" / "big" / "labels" / "cells"), mode="r")
     shapes = mask_level_shapes((SIDE, SIDE))
     assert [group[str(k)].shape for k in range(len(shapes))] == shapes
     assert len(shapes) == 8 and shapes[0] == (SIDE, SIDE)
@@ -145,5 +145,5 @@ def test_40k_slide_in_bounded_memory_every_cell_once(tmp_path):
             ys, xs = slice(py0 // f * f, py1 // f * f, f), slice(px0 // f * f, px1 // f * f, f)
             assert np.array_equal(level, group["0"][ys, xs])
     assert seen == set(ids.tolist())
-    stored = list((run_dir / "masks.zarr" / "big" / "0").rglob("c/*/*"))
+    stored = list((run_dir / "masks.zarr" / "big" / "labels" / "cells" / "0").rglob("c/*/*"))
     assert 4 <= len(stored) <= 16  # the 512² chunks under the four patches, nothing else

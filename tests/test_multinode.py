@@ -209,9 +209,12 @@ def test_losing_a_worker_node_mid_run_gives_the_clean_run(workers, clean_run, co
     keys = list(zip(cells["slide_id"].to_pylist(), cells["cell_id"].to_pylist(), strict=True))
     assert len(set(keys)) == len(keys)
     assert_same_rows(cells, clean_cells)
-    assert sorted(p.name for p in (out / "cells").rglob("*.parquet")) == sorted(
-        f"{slide}.parquet" for slide in committed
-    )
+    records = [json.loads(p.read_text()) for p in (out / "_slides").glob("*.json")]
+    assert sorted(
+        str(p.relative_to(out / "cells")) for p in (out / "cells").rglob("*.parquet")
+    ) == [
+        f"{c}/{p}.parquet" for c, p in sorted({(r["cohort"], r["patient_id"]) for r in records})
+    ]  # one file per patient after the run
     view = "SELECT count(*), count(DISTINCT (slide_id, cell_id)) FROM cells"
     assert connect(str(out)).execute(view).fetchone() == (clean_cells.num_rows,) * 2
 
@@ -219,10 +222,11 @@ def test_losing_a_worker_node_mid_run_gives_the_clean_run(workers, clean_run, co
     clean_masks = zarr.open_group(str(clean_run / "masks.zarr"), mode="r")
     assert sorted(masks.group_keys()) == sorted(clean_masks.group_keys()) == committed
     for slide in committed:
-        levels = sorted(clean_masks[slide].array_keys())
-        assert sorted(masks[slide].array_keys()) == levels
+        labels, clean_labels = masks[f"{slide}/labels/cells"], clean_masks[f"{slide}/labels/cells"]
+        levels = sorted(clean_labels.array_keys())
+        assert sorted(labels.array_keys()) == levels
         for level in levels:
-            assert np.array_equal(masks[slide][level][...], clean_masks[slide][level][...])
+            assert np.array_equal(labels[level][...], clean_labels[level][...])
 
 
 def test_cli_address_runs_on_the_cluster(clean_run, workers):

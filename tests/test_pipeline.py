@@ -54,7 +54,7 @@ def test_outputs_follow_the_contract(clean_run, tiny_cohort):
     root = zarr.open_group(str(out / "masks.zarr"), mode="r")
     for m in manifest:
         slide = cells.filter(pc.equal(cells["slide_id"], m["slide_id"]))
-        group = root[m["slide_id"]]
+        group = root[f"{m['slide_id']}/labels/cells"]
         labels = group["0"][...]
         assert labels.shape == (m["height"], m["width"]) and labels.dtype == np.uint32
         assert set(np.unique(labels[labels > 0]).tolist()) == set(slide["cell_id"].to_pylist())
@@ -196,7 +196,7 @@ def test_resume_after_a_real_kill_gives_the_clean_run(clean_run, tiny_cohort, tm
     b = zarr.open_group(str(clean_out / "masks.zarr"), mode="r")
     assert sorted(a.group_keys()) == sorted(b.group_keys())
     for key in b.group_keys():
-        assert np.array_equal(a[key]["0"][...], b[key]["0"][...])
+        assert np.array_equal(a[f"{key}/labels/cells/0"][...], b[f"{key}/labels/cells/0"][...])
     leftovers = [p for p in out.rglob(".*.tmp")]
     assert len(leftovers) <= 1  # at most the write the kill interrupted
     shutil.rmtree(out)

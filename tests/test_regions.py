@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import zarr
 from scipy.spatial import cKDTree
@@ -121,17 +120,24 @@ def test_pyramid_built_block_by_block_equals_write_mask(tmp_path):
     labels = np.zeros((1500, 1300), np.uint32)
     labels[100:400, 900:1250] = rng.integers(1, 9, (300, 350))
     labels[1100:1490, 10:300] = rng.integers(9, 20, (390, 290))
+    image = rng.integers(0, 256, (*labels.shape, 3)).astype(np.uint8)
     store = RunStore(str(tmp_path / "run"))
-    store.write_mask("whole", labels, 0.25, {"slide_id": "whole"})
-    levels = store.create_mask_levels("blocks", labels.shape, 0.25, {"slide_id": "blocks"})
+    store.write_mask("whole", labels, 0.25, {"slide_id": "whole"}, image)
+    levels = store.create_mask_levels(
+        "blocks", labels.shape, 0.25, {"slide_id": "blocks"}, image[::4, ::4]
+    )
     levels[0][100:400, 900:1250] = labels[100:400, 900:1250]
     levels[0][1100:1490, 10:300] = labels[1100:1490, 10:300]
     fill_pyramid(levels, [(100, 400, 900, 1250), (1100, 1490, 10, 300)], block=128)
     a, b = (zarr.open_group(store.mask_url(s), mode="r") for s in ("whole", "blocks"))
-    assert sorted(a.array_keys()) == sorted(b.array_keys()) == ["0", "1", "2", "3"]
-    assert [b[str(k)].shape for k in range(4)] == mask_level_shapes(labels.shape)
+    la, lb = a["labels/cells"], b["labels/cells"]
+    assert sorted(la.array_keys()) == sorted(lb.array_keys()) == ["0", "1", "2", "3"]
+    assert [lb[str(k)].shape for k in range(4)] == mask_level_shapes(labels.shape)
     for k in range(4):
-        assert np.array_equal(a[str(k)][...], b[str(k)][...]), k
+        assert np.array_equal(la[str(k)][...], lb[str(k)][...]), k
+    assert la.attrs["ome"] == lb.attrs["ome"]
+    # the overview, from the full image or from a coarse view of it: the same levels
+    assert [a[str(k)].shape for k in range(4)] == [b[str(k)].shape for k in range(4)]
     assert a.attrs["ome"] == {
         **b.attrs["ome"],
         "multiscales": [{**b.attrs["ome"]["multiscales"][0], "name": "whole"}],
@@ -153,7 +159,7 @@ def spec_of(slide_id: str, path, um_per_px: float | None) -> SlideSpec:
 
 
 def read_slide_cells(out, slide_id: str):
-    return pq.read_table(out / "cells" / "cohort=c1" / "patient_id=p1" / f"{slide_id}.parquet")
+    return RunStore(str(out)).read_cells(slide_id)
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +200,10 @@ def test_region_path_gives_the_whole_image_paths_cells(cells_everywhere, tmp_pat
         agree = left == right if left.dtype.kind in "bOU" else np.isclose(left, right)
         assert agree.mean() > 0.99, column
     # the masks hold the same objects: region ids map one-to-one onto whole-image ids
-    mask_a = zarr.open_array(str(tmp_path / "whole" / "masks.zarr" / "mid" / "0"), mode="r")[...]
-    mask_b = zarr.open_array(str(tmp_path / "regions" / "masks.zarr" / "mid" / "0"), mode="r")[...]
+    mask_a, mask_b = (
+        zarr.open_array(str(tmp_path / run / "masks.zarr/mid/labels/cells/0"), mode="r")[...]
+        for run in ("whole", "regions")
+    )
     lut = np.zeros(int(mask_b.max()) + 1, np.uint32)
     lut[b["cell_id"].to_numpy()[match]] = a["cell_id"].to_numpy()
     assert (lut[mask_b] == mask_a).mean() > 0.9999
@@ -233,7 +241,7 @@ def test_bad_large_slides_are_failures_and_the_others_finish(cells_everywhere, t
     failed = {p.stem for p in (tmp_path / "run" / "_failed").glob("*.json")}
     assert failed == {"slide-truncated", "slide-corrupt"}
     assert {p.stem for p in (tmp_path / "run" / "_slides").glob("*.json")} == {"small"}
-    assert not list((tmp_path / "run" / "cells").rglob(".*.tmp"))  # nothing half-written left
+    assert not list((tmp_path / "run").rglob(".*.tmp"))  # nothing half-written left
 
 
 @pytest.mark.slow

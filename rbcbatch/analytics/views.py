@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -29,6 +30,14 @@ from rbcbatch.store.run_store import RunStore
 from rbcbatch.store.schema import MANIFEST_FIELDS, cells_schema
 
 # Red-cell classes counted as poikilocytes (abnormal shape), after ICSH 2015 (Palmer et al.).
+SQL_DIR = Path(__file__).parent / "sql"
+
+
+def sql_template(name: str) -> str:
+    """The text of sql/<name>.sql: a view's SQL with {fields} that the caller fills in."""
+    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+
+
 POIKILOCYTE_CLASSES = (
     "spherocyte",
     "elliptocyte",
@@ -98,20 +107,8 @@ Z95 = 1.959963984540054
 # Shares reported per patient and site, with their counts: every class, then all poikilocytes.
 SHARES: tuple[str, ...] = (*REPORT_CLASSES, "poikilocyte")
 
-# The Wilson score interval of k successes in n as DuckDB macros (fractions; NULL when n is 0).
-# Unlike p ± z·SE it stays inside [0, 1] and is not empty at 0 or n; the clamp only removes
-# rounding below 0 or above 1.
-WILSON_MACROS = f"""
-CREATE OR REPLACE MACRO wilson_centre(k, n) AS
-    (k::DOUBLE / n + {Z95}^2 / (2 * n)) / (1 + {Z95}^2 / n);
-CREATE OR REPLACE MACRO wilson_half(k, n) AS
-    {Z95} * sqrt((k::DOUBLE / n) * (1 - k::DOUBLE / n) / n + {Z95}^2 / (4 * n * n))
-    / (1 + {Z95}^2 / n);
-CREATE OR REPLACE MACRO wilson_lo(k, n) AS
-    CASE WHEN n > 0 THEN greatest(0.0, wilson_centre(k, n) - wilson_half(k, n)) END;
-CREATE OR REPLACE MACRO wilson_hi(k, n) AS
-    CASE WHEN n > 0 THEN least(1.0, wilson_centre(k, n) + wilson_half(k, n)) END;
-"""
+# The Wilson score interval as DuckDB macros wilson_lo(k, n) and wilson_hi(k, n) (sql/wilson.sql).
+WILSON_MACROS = sql_template("wilson").format(z=Z95)
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
@@ -244,100 +241,46 @@ def patients_sql(rules: ScreeningRules, scheme: GradingScheme | None = None) -> 
             f"'grades', json_object('scheme', grading_scheme, {grades}))::VARCHAR"
         )
 
-    return f"""
-    WITH people AS (
-        SELECT cohort, patient_id, any_value(site) AS site, any_value(label) AS label,
-               count(*) AS n_slides,
-               avg(hb_g_dl) AS hb_g_dl, avg(mchc_g_dl) AS mchc_g_dl, avg(rdw_pct) AS rdw_pct
-        FROM slides GROUP BY cohort, patient_id
-    ), rbc AS (
-        SELECT cohort, patient_id,
-               count(*) AS n_rbc,
-               {_class_counts()},
-               avg(diameter_um) AS diameter_mean_um,
-               stddev_samp(diameter_um) AS diameter_sd_um
-        FROM cells WHERE kind = 'rbc' AND NOT touches_edge GROUP BY cohort, patient_id
-    ), joined AS (
-        SELECT p.*, coalesce(r.n_rbc, 0) AS n_rbc,
-               {", ".join(f"coalesce(r.n_{s}, 0) AS n_{s}" for s in SHARES)},
-               r.diameter_mean_um, r.diameter_sd_um
-        FROM people p LEFT JOIN rbc r USING (cohort, patient_id)
-    ), indicators AS (
-        SELECT *,
-        {_share_columns()},
-        100.0 * diameter_sd_um / diameter_mean_um AS diameter_cv_pct,
-        100.0 * ({micro_hypo}) / nullif(n_rbc, 0) AS micro_hypo_pct
-        FROM joined
-    ), graded AS (
-        SELECT *,
-        {_grade_columns(scheme, r.min_rbc)},
-        CASE WHEN {insufficient} THEN 'insufficient'
-             WHEN spherocyte_pct >= {r.hs_spherocyte_pct!r} THEN 'positive'
-             ELSE 'negative' END AS hs_flag,
-        CASE WHEN {insufficient} THEN 'insufficient'
-             WHEN micro_hypo_pct >= {r.anemia_micro_hypo_pct!r}
-               OR diameter_mean_um < {r.anemia_mean_diameter_um!r} THEN 'positive'
-             ELSE 'negative' END AS anemia_flag
-        FROM indicators
-    )
-    SELECT cohort, patient_id, site, label, n_slides, n_rbc,
-        {", ".join(f"{s}_pct, {s}_pct_lo, {s}_pct_hi" for s in SHARES)},
-        diameter_mean_um, diameter_sd_um, diameter_cv_pct,
-        {", ".join(f"n_{s}" for s in SHARES)},
-        hb_g_dl, mchc_g_dl, rdw_pct,
-        grading_scheme, {", ".join(f"{f}_grade" for f in GRADED_FEATURES)},
-        hs_flag,
-        {_sql_text(hs_rule_text(r))} AS hs_rule,
-        {
-        evidence(
+    return sql_template("patients").format(
+        class_counts=_class_counts(),
+        share_counts=", ".join(f"coalesce(r.n_{s}, 0) AS n_{s}" for s in SHARES),
+        share_columns=_share_columns(),
+        micro_hypo=micro_hypo,
+        grade_columns=_grade_columns(scheme, r.min_rbc),
+        insufficient=insufficient,
+        hs_spherocyte_pct=repr(r.hs_spherocyte_pct),
+        anemia_micro_hypo_pct=repr(r.anemia_micro_hypo_pct),
+        anemia_mean_diameter_um=repr(r.anemia_mean_diameter_um),
+        share_outputs=", ".join(f"{s}_pct, {s}_pct_lo, {s}_pct_hi" for s in SHARES),
+        share_count_outputs=", ".join(f"n_{s}" for s in SHARES),
+        grade_outputs=", ".join(f"{f}_grade" for f in GRADED_FEATURES),
+        hs_rule=_sql_text(hs_rule_text(r)),
+        hs_evidence=evidence(
             "hs_flag",
             hs_criteria,
             _support("mchc_g_dl", ">", r.hs_mchc_g_dl),
             "'spherocyte', spherocyte_grade",
-        )
-    } AS hs_evidence,
-        mchc_g_dl > {float(r.hs_mchc_g_dl)!r} AS hs_supported_by_cbc,
-        anemia_flag,
-        {_sql_text(anemia_rule_text(r))} AS anemia_rule,
-        {
-        evidence(
+        ),
+        hs_mchc_g_dl=repr(float(r.hs_mchc_g_dl)),
+        anemia_rule=_sql_text(anemia_rule_text(r)),
+        anemia_evidence=evidence(
             "anemia_flag",
             anemia_criteria,
             _support("hb_g_dl", "<", r.anemia_hb_g_dl),
             "'microcyte', microcyte_grade, 'hypochromic', hypochromic_grade",
-        )
-    }
-            AS anemia_evidence,
-        hb_g_dl < {float(r.anemia_hb_g_dl)!r} AS anemia_supported_by_cbc
-    FROM graded
-    ORDER BY cohort, patient_id
-    """
+        ),
+        anemia_hb_g_dl=repr(float(r.anemia_hb_g_dl)),
+    )
 
 
 def sites_sql() -> str:
     """SQL of the `sites` view: per site, scanner and stain, how many slides, patients and cells,
     the mean red-cell diameter and the class mix (red cells not touching the image edge)."""
-    return f"""
-    WITH per_slide AS (
-        SELECT slide_id, count(*) AS n_rbc, sum(diameter_um) AS diameter_sum_um,
-               {_class_counts()}
-        FROM cells WHERE kind = 'rbc' AND NOT touches_edge GROUP BY slide_id
-    ), joined AS (
-        SELECT s.site, s.scanner, s.stain,
-               count(*) AS n_slides,
-               count(DISTINCT (s.cohort, s.patient_id)) AS n_patients,
-               sum(s.n_objects)::BIGINT AS n_objects,
-               coalesce(sum(c.n_rbc), 0)::BIGINT AS n_rbc,
-               sum(c.diameter_sum_um) / nullif(sum(c.n_rbc), 0) AS diameter_mean_um,
-               {", ".join(f"coalesce(sum(c.n_{x}), 0)::BIGINT AS n_{x}" for x in SHARES)}
-        FROM slides s LEFT JOIN per_slide c USING (slide_id)
-        GROUP BY s.site, s.scanner, s.stain
+    return sql_template("sites").format(
+        class_counts=_class_counts(),
+        share_sums=", ".join(f"coalesce(sum(c.n_{x}), 0)::BIGINT AS n_{x}" for x in SHARES),
+        share_pcts=", ".join(f"100.0 * n_{x} / nullif(n_rbc, 0) AS {x}_pct" for x in SHARES),
     )
-    SELECT site, scanner, stain, n_slides, n_patients, n_objects, n_rbc, diameter_mean_um,
-        {", ".join(f"100.0 * n_{x} / nullif(n_rbc, 0) AS {x}_pct" for x in SHARES)}
-    FROM joined
-    ORDER BY site, scanner, stain
-    """
 
 
 def _empty_table(fields_: dict | pa.Schema) -> pa.Table:
@@ -380,10 +323,12 @@ def connect(
     con.execute("CREATE VIEW slides AS SELECT * FROM slides_records")
     cell_files = store.fs.glob(store.path("cells", "**", "*.parquet"))
     if cell_files:
+        # Every file carries its cohort and patient_id: patients' files, slides' own files not
+        # yet folded in, and the cohort=/patient_id= folders of older runs alike.
         glob = f"{store.url}/cells/**/*.parquet"
         con.execute(
             f"""CREATE VIEW cells AS
-                SELECT c.* FROM read_parquet('{glob}', hive_partitioning = true) c
+                SELECT c.* FROM read_parquet('{glob}', hive_partitioning = false) c
                 SEMI JOIN slides s ON c.slide_id = s.slide_id AND c.run_id = s.run_id"""
         )
     else:

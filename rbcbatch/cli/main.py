@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rbcbatch.cli.console import ray_output_to_log
 from rbcbatch.errors import RbcbatchError
 
 app = typer.Typer(
@@ -74,14 +75,20 @@ def run_catalog(
     stall_timeout: float | None = None,
     storage_options: dict | None = None,
     deidentify_key: bytes | None = None,
+    verbose: bool = False,
+    force: bool = False,
 ):
-    """Run the pipeline with a progress bar; returns the RunSummary."""
+    """Run the pipeline with a progress bar; returns the RunSummary. Ray's own output goes to
+    OUT/_logs/ unless `verbose`."""
     from rbcbatch.engine.config import RunConfig
     from rbcbatch.engine.run import STALL_TIMEOUT_S, run
 
     config = RunConfig(segmenter=segmenter, classifier=classifier)
     state = {"objects": 0, "failed": 0}
-    with _progress() as progress:
+    with (
+        ray_output_to_log(out, console, storage_options, verbose),
+        _progress() as progress,
+    ):
         task = progress.add_task("slides", total=None, note="starting Ray")
 
         def on_start(pending: int, skipped: int) -> None:
@@ -107,9 +114,16 @@ def run_catalog(
             on_start=on_start,
             on_slide=on_slide,
             deidentify_key=deidentify_key,
+            force=force,
         )
     return summary
 
+
+VERBOSE_OPTION = typer.Option(
+    False,
+    "--verbose",
+    help="Show Ray's own log lines on the console (by default they go to OUT/_logs/ray-*.log).",
+)
 
 STORAGE_OPTION = typer.Option(
     None,
@@ -173,11 +187,19 @@ def run_cmd(
         "environment variable RBCBATCH_DEID_KEY, at least 16 bytes) before anything is written, "
         "and write no image URIs. Resuming needs the same key.",
     ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Run even if another rbcbatch run seems to hold the folder (its lease is live); "
+        "use only when that run is known to be gone.",
+    ),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Segment, measure and classify every red cell of a catalog's slides.
 
     Exit status: 0 when every slide is committed, 1 when some failed (their reasons are in
-    OUT/failures.parquet), 2 for a usage or configuration error.
+    OUT/failures.parquet), 2 for a usage, configuration or storage error (a full disk, a
+    read-only or unreachable run folder, a folder in use by another run).
     """
     deidentify_key = None
     if deidentify:
@@ -202,6 +224,8 @@ def run_cmd(
             stall_timeout=stall_timeout,
             storage_options=_storage_options(storage_option, catalog, out, announce=True),
             deidentify_key=deidentify_key,
+            verbose=verbose,
+            force=force,
         )
     except (RbcbatchError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
@@ -331,6 +355,7 @@ def demo(
     images_per_patient: int = typer.Option(3, help="Smear fields per patient."),
     seed: int = typer.Option(7, help="Random seed of the cohort."),
     workers: int = typer.Option(None, help="Actors in the pool (default: one per CPU)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Synthesise a cohort, run it, print the patient table and how well it matches truth."""
     from rbcbatch.dev.demo import agreement_tables
@@ -343,7 +368,9 @@ def demo(
     )
     catalog = synth_cohort(cohort_dir, patients, images_per_patient, seed)
     console.print(f"[bold]2/3[/bold] running the pipeline → {run_dir}")
-    summary = run_catalog(str(catalog), str(run_dir), "classical", "rules", workers, None, True)
+    summary = run_catalog(
+        str(catalog), str(run_dir), "classical", "rules", workers, None, True, verbose=verbose
+    )
     console.print(f"[bold]3/3[/bold] report ({summary.objects} objects in {summary.seconds:.1f} s)")
     from rbcbatch.analytics import query as run_query
 
@@ -488,11 +515,12 @@ def schemas(
 @app.command("run-job")
 def run_job_cmd(
     spec: str = typer.Argument(..., help="Job spec YAML: a path or a URL (see jobs/README.md)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Run a job spec here: screening, nightly (only slides not committed yet), training or shift.
 
     Exit status: 0 when the job is done, 1 when some slides failed, 2 for a bad spec, a
-    configuration error, or a job kind this version cannot run.
+    configuration or storage error, or a job kind this version cannot run.
     """
     from rbcbatch.jobs.specs import load_spec, run_job
 
@@ -500,7 +528,9 @@ def run_job_cmd(
         console.print(line, markup=False, highlight=False)
 
     try:
-        outcome = run_job(load_spec(spec), say=say)
+        job = load_spec(spec)
+        with ray_output_to_log(str(job.get("out") or "."), console, None, verbose):
+            outcome = run_job(job, say=say)
     except (RbcbatchError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
     for line in outcome.lines:
@@ -519,24 +549,52 @@ def submit(
         envvar="RAY_ADDRESS",
         help="The cluster's Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS).",
     ),
+    no_wait: bool = typer.Option(
+        False, "--no-wait", help="Only submit: print the submission id and return."
+    ),
+    python: str | None = typer.Option(
+        None,
+        "--python",
+        help="Absolute path of the Python that runs rbcbatch on the cluster (`PYTHON -m "
+        "rbcbatch.cli run-job SPEC`); default: the cluster's `rbcbatch` command.",
+    ),
 ) -> None:
-    """Check a job spec, then run it on a Ray cluster (`rbcbatch run-job SPEC` via the Jobs API).
+    """Run a job spec on a Ray cluster (`rbcbatch run-job SPEC` via the Jobs API) and follow it.
 
-    Its locations must be URLs (s3://...) or absolute paths that every node can read.
-    Prints the submission id.
+    The spec is checked here first; its locations must be URLs (s3://...) or absolute paths
+    that every node can read. Prints the submission id, then the job's own log lines as they
+    come. Exit status: the job's, as run-job gives it (0 done, 1 some slides failed, 2 an
+    error); 2 as well when the job could not be submitted or ended otherwise (the tail of its
+    log is printed). With --no-wait: 0 once the job is submitted.
     """
-    from rbcbatch.jobs.specs import submit as submit_job
+    from rbcbatch.jobs.submit import follow
+    from rbcbatch.jobs.submit import submit as submit_job
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
 
     try:
-        job_id = submit_job(spec, address)
+        job_id = submit_job(spec, address, python=python)
     except RbcbatchError as e:
         _fail(str(e))
     out_console.print(job_id)
-    console.print(
-        f"submitted {spec}; follow it with: ray job logs {job_id} --address {address} --follow",
-        markup=False,
-        highlight=False,
-    )
+    if no_wait:
+        say(f"submitted {spec}; follow it with: ray job logs {job_id} --address {address} --follow")
+        return
+    say(f"submitted {spec} as {job_id}; following it (Ctrl-C stops following, not the job)")
+    try:
+        end = follow(job_id, address, say=say)
+    except KeyboardInterrupt:
+        say(
+            f"stopped following {job_id}, which goes on: ray job logs {job_id} --address "
+            f"{address} --follow (or ray job stop {job_id} --address {address})"
+        )
+        raise typer.Exit(130) from None
+    except RbcbatchError as e:
+        _fail(str(e))
+    for line in end.report(address):
+        say(line)
+    raise typer.Exit(end.exit_code)
 
 
 @app.command()

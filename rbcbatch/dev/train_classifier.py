@@ -34,6 +34,7 @@ from rbcbatch.classify.resnet import crops_to_tensor, normalise_crops, predict_c
 from rbcbatch.dev.datasets import (
     CHULA_CLASSES,
     CHULA_UM_PER_PX,
+    REPO,
     build_chula_arrays,
     chula_records,
     chula_split,
@@ -60,7 +61,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 # Working data (crop arrays) beside the sources; git-ignored.
 CACHE_DIR = REPO / ".cache"
 # Real data sets live beside the repository (same rule as tests/conftest.py).

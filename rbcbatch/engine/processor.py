@@ -29,6 +29,7 @@ from rbcbatch.engine.slide import (
 from rbcbatch.errors import Failure
 from rbcbatch.io.catalog import SlideSpec
 from rbcbatch.io.sources import read_slide
+from rbcbatch.io.storage import destination_unwritable
 from rbcbatch.measure import measure_cells
 from rbcbatch.segment.calibrate import cell_diameters_px
 from rbcbatch.store.run_store import RunStore
@@ -131,6 +132,8 @@ class SlideProcessor:
         try:
             return fn(*args), None
         except Exception as exc:  # one bad slide is a failures row, never a lost run
+            if destination_unwritable(exc):
+                raise  # the run folder is full or read-only: stop the run (a StorageError)
             failure = Failure.from_exception(spec.slide_id, spec.uri, "process", exc)
             self.store.record_failure(failure, self.provenance["run_id"], f"slide-{spec.slide_id}")
             return None, failure
@@ -186,6 +189,7 @@ class SlideProcessor:
             labels,
             spec.um_per_px,
             {"slide_id": spec.slide_id, "uri": spec.uri, **self.provenance},
+            image,
         )
         self.store.write_cells(spec.cohort, spec.patient_id, spec.slide_id, table)
         record = commit_record(

@@ -12,7 +12,9 @@ ids, the first claim winning where objects of two regions overlap (as `stitch.pa
 between tiles). Pass 2 (measure) reads each region's objects back from the mask with a margin, so
 contact with neighbours of other regions and the classifier's crops see what the whole-image path
 would, then appends the region's cells to the slide's Parquet as one row group. Pass 3 builds the
-mask pyramid block by block. The commit record is written last, as for every slide.
+mask pyramid block by block. The mask's parent image, an RGB overview at 1/OVERVIEW_FACTOR
+(store.masks), is shrunk from a coarse view of the slide, never from level 0 read whole. The
+commit record is written last, as for every slide.
 
 Bare glass is decided on a view of the slide at about BLANK_VIEW_UM per pixel (a coarse pyramid
 level, shrunk further where needed): a tile is glass when no pixel of that view over its core and
@@ -50,7 +52,7 @@ from rbcbatch.io.wsi import WholeSlide, is_tiff, open_slide, read_shrunk
 from rbcbatch.measure import measure_cells
 from rbcbatch.segment.calibrate import cell_diameters_px
 from rbcbatch.segment.classical import SlideStats, estimate_slide_stats
-from rbcbatch.store.masks import fill_pyramid
+from rbcbatch.store.masks import OVERVIEW_FACTOR, fill_pyramid
 from rbcbatch.store.run_store import RunStore
 
 # Pixel size of the glass view: about half a red cell (7.5 µm), so a single cell still darkens
@@ -398,13 +400,16 @@ def process_large_slide(
     view, downsample = read_shrunk(slide, max(1, int(BLANK_VIEW_UM / spec.um_per_px)))
     stats = slide_stats(slide, grid, view, downsample)
     glass = glass_view(view, downsample, stats.background_rgb)
-    del view
+    if max(downsample) > OVERVIEW_FACTOR:  # the glass view is too coarse for the mask's overview
+        view = read_shrunk(slide, OVERVIEW_FACTOR)[0]
     levels = store.create_mask_levels(
         spec.slide_id,
         slide.shape,
         spec.um_per_px,
         {"slide_id": spec.slide_id, "uri": spec.uri, "region_px": region_px, **provenance},
+        view,
     )
+    del view
     t1 = time.perf_counter()
 
     regions: list[RegionObjects] = []

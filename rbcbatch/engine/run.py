@@ -19,6 +19,7 @@ from rbcbatch.errors import RbcbatchError, RunStalledError
 from rbcbatch.io.catalog import load_catalog
 from rbcbatch.io.deidentify import check_run_folder, key_id, row_deidentifier
 from rbcbatch.io.storage import explains_storage_errors, resolve_options
+from rbcbatch.store.lease import holding
 from rbcbatch.store.run_store import RunStore
 
 
@@ -116,13 +117,15 @@ def run(
     on_start: Callable[[int, int], None] | None = None,
     on_slide: Callable[[dict], None] | None = None,
     deidentify_key: bytes | None = None,
+    force: bool = False,
 ) -> RunSummary:
     """Process every uncommitted slide of a catalog into `out`; resumable and idempotent.
 
     Survives the loss of worker nodes while others (or replacements) can take over the actors;
     raises RunStalledError when no slide batch moves for `stall_timeout_s` (None: wait forever).
     With `deidentify_key`, patient and slide ids are keyed hashes from the catalog on and no
-    output holds an image URI (rbcbatch.io.deidentify).
+    output holds an image URI (rbcbatch.io.deidentify). Refuses a folder whose lease another
+    live run holds (RunFolderInUseError) unless `force`.
     """
     config = config or RunConfig()
     if deidentify_key is not None:
@@ -135,77 +138,83 @@ def run(
     description = models.describe()
     store = RunStore(out, storage_options, deidentified=bool(config.deidentify_key_id))
     check_run_folder(store, config.deidentify_key_id)
-    store.open(description, stable_hash(description), allow_new_config=new_config)
     run_id = new_run_id()
-    failed: list[dict] = []
-    for failure in catalog.rejected:
-        store.record_failure(failure, run_id, f"catalog-row-{len(failed) + 1}")
-        failed.append(
-            {
-                "slide_id": failure.slide_id,
-                "status": "failed",
-                "message": f"catalog: {failure.message}",
-            }
-        )
-    done = store.committed()
-    pending = [s for s in catalog.slides if s.slide_id not in done]
-    if on_start:
-        on_start(len(pending), len(catalog.slides) - len(pending))
-    objects = 0
-    if pending:
-        connect_ray(address)
-        import ray
-        from ray.data.exceptions import ExecutionTimeoutError
+    # One run at a time per folder (store.lease): taken before open() may forget commits.
+    with holding(store.fs, store.root, store.url, run_id, force=force):
+        store.open(description, stable_hash(description), allow_new_config=new_config)
+        failed: list[dict] = []
+        for failure in catalog.rejected:
+            store.record_failure(failure, run_id, f"catalog-row-{len(failed) + 1}")
+            failed.append(
+                {
+                    "slide_id": failure.slide_id,
+                    "status": "failed",
+                    "message": f"catalog: {failure.message}",
+                }
+            )
+        done = store.committed()
+        pending = [s for s in catalog.slides if s.slide_id not in done]
+        if on_start:
+            on_start(len(pending), len(catalog.slides) - len(pending))
+        objects = 0
+        if pending:
+            connect_ray(address)
+            import ray
+            from ray.data.exceptions import ExecutionTimeoutError
 
-        size, resources = actor_pool_shape(config, ray.cluster_resources(), workers, len(pending))
-        items = [s.to_dict() for s in pending]
-        blocks = max(1, len(items) // slides_per_batch)
-        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            SlideProcessor,
-            fn_constructor_kwargs={
-                "run_url": out,
-                "storage_options": storage_options,
-                "config": config.to_dict(),
-                "run_id": run_id,
-            },
-            batch_size=slides_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=size),
-            # Only CPU/GPU counts, never a node-specific resource: an actor lost with its node is
-            # restarted wherever a CPU/GPU is free, and the batches it held are retried there
-            # (Ray Data's actor-pool defaults, max_restarts=-1 and max_task_retries=-1; passing
-            # them here is deprecated). A redone slide overwrites what its lost attempt left:
-            # its outputs go to fixed paths and its commit record is written last.
-            **resources,
+            size, resources = actor_pool_shape(
+                config, ray.cluster_resources(), workers, len(pending)
+            )
+            items = [s.to_dict() for s in pending]
+            blocks = max(1, len(items) // slides_per_batch)
+            ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                SlideProcessor,
+                fn_constructor_kwargs={
+                    "run_url": out,
+                    "storage_options": storage_options,
+                    "config": config.to_dict(),
+                    "run_id": run_id,
+                },
+                batch_size=slides_per_batch,
+                compute=ray.data.ActorPoolStrategy(size=size),
+                # Only CPU/GPU counts, never a node-specific resource: an actor lost with its node is
+                # restarted wherever a CPU/GPU is free, and the batches it held are retried there
+                # (Ray Data's actor-pool defaults, max_restarts=-1 and max_task_retries=-1; passing
+                # them here is deprecated). A redone slide overwrites what its lost attempt left:
+                # its outputs go to fixed paths and its commit record is written last.
+                **resources,
+            )
+            ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
+            # An error that escapes a slide's own failure handling (the store itself is unreachable)
+            # reaches the driver as itself, not as Ray's UserCodeException, so run() can say what
+            # happened (StorageError) instead of printing a worker's traceback.
+            ds.context.raise_original_map_exception = True
+            finished: set[str] = set()
+            try:
+                for row in ds.iter_rows():
+                    row = dict(row)
+                    finished.add(row["slide_id"])
+                    objects += int(row["n_objects"])
+                    if row["status"] != "ok":
+                        failed.append(row)
+                    if on_slide:
+                        on_slide(row)
+            except ExecutionTimeoutError as e:
+                store.finalize()  # the manifest shows what was committed before the stall
+                pending_ids = [s.slide_id for s in pending]
+                raise RunStalledError(
+                    stalled_message(stall_timeout_s, pending_ids, finished)
+                ) from e
+            store.clear_attempts(run_id)
+        store.finalize()
+        if not pending and not catalog.slides and not catalog.rejected:
+            raise RbcbatchError(f"catalog {catalog_uri} has no rows")
+        return RunSummary(
+            run_id,
+            len(catalog.slides) + len(catalog.rejected),
+            len(done & {s.slide_id for s in catalog.slides}),
+            len(pending),
+            failed,
+            objects,
+            time.perf_counter() - started,
         )
-        ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
-        # An error that escapes a slide's own failure handling (the store itself is unreachable)
-        # reaches the driver as itself, not as Ray's UserCodeException, so run() can say what
-        # happened (StorageError) instead of printing a worker's traceback.
-        ds.context.raise_original_map_exception = True
-        finished: set[str] = set()
-        try:
-            for row in ds.iter_rows():
-                row = dict(row)
-                finished.add(row["slide_id"])
-                objects += int(row["n_objects"])
-                if row["status"] != "ok":
-                    failed.append(row)
-                if on_slide:
-                    on_slide(row)
-        except ExecutionTimeoutError as e:
-            store.finalize()  # the manifest shows what was committed before the stall
-            pending_ids = [s.slide_id for s in pending]
-            raise RunStalledError(stalled_message(stall_timeout_s, pending_ids, finished)) from e
-        store.clear_attempts(run_id)
-    store.finalize()
-    if not pending and not catalog.slides and not catalog.rejected:
-        raise RbcbatchError(f"catalog {catalog_uri} has no rows")
-    return RunSummary(
-        run_id,
-        len(catalog.slides) + len(catalog.rejected),
-        len(done & {s.slide_id for s in catalog.slides}),
-        len(pending),
-        failed,
-        objects,
-        time.perf_counter() - started,
-    )

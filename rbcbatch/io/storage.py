@@ -66,6 +66,10 @@ SECRET_NAMES = (
 REDACTED = "***"
 # errno values of failed I/O: s3fs raises OSError(EREMOTEIO) for a 5xx answer, EIO for others.
 IO_ERRNOS = (errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO))
+# errno values that say the destination cannot take more writes (full, over quota, read-only):
+# no slide can be committed until someone frees space, so the run stops instead of recording
+# every remaining slide as failed.
+FULL_OR_READ_ONLY_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class StorageError(RbcbatchError):
@@ -223,8 +227,27 @@ def storage_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+def destination_unwritable(exc: BaseException) -> bool:
+    """Whether an error means the run folder cannot be written at all (no space, over quota,
+    read-only), through Ray's and Python's chaining: a reason to stop the run, not a slide's
+    failure."""
+    cause = storage_cause(exc)
+    return cause is not None and _unwritable(cause)
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT/EROFS, also where a library (pyarrow, zarr) kept only the errno's text."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in FULL_OR_READ_ONLY_ERRNOS or any(
+        os.strerror(code) in str(exc) for code in FULL_OR_READ_ONLY_ERRNOS
+    )
+
+
 def _is_storage_error(exc: BaseException) -> bool:
     if isinstance(exc, PermissionError | TimeoutError):
+        return True
+    if _unwritable(exc):
         return True
     if isinstance(exc, OSError) and exc.errno in IO_ERRNOS:
         return True  # how s3fs reports a failed request (5xx after retries)
@@ -237,7 +260,15 @@ def explain(exc: BaseException, urls: list[str], options: Mapping | None = None)
     where = ", ".join(urls)
     reason = scrub(f"{type(exc).__name__}: {exc}", options)
     refused = isinstance(exc, PermissionError) or "AccessDenied" in str(exc)
-    if refused and any(is_s3(u) for u in urls):
+    text = str(exc)
+    if os.strerror(errno.ENOSPC) in text or os.strerror(errno.EDQUOT) in text:
+        hint = (
+            "no space left on the device (or quota) holding the run folder: free space or move "
+            "the run folder, then run the same command again; committed slides are kept"
+        )
+    elif os.strerror(errno.EROFS) in text:
+        hint = "the run folder is on a read-only file system: give an --out that can be written"
+    elif refused and any(is_s3(u) for u in urls):
         hint = (
             "the store refused the request: check that the credentials (AWS_ACCESS_KEY_ID / "
             "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, or --storage-option key=... secret=...) "

@@ -2,9 +2,9 @@
 
 A spec is the same pipeline with different inputs, so one spec runs on a laptop
 (`rbcbatch run-job SPEC`) or on a Ray cluster (`rbcbatch submit SPEC --address http://HEAD:8265`,
-a KubeRay RayJob, a nightly CronJob). Specs are checked against `job_schema()` (published as
-`schemas/job.schema.json`) before anything runs, and a bad one is refused with the JSON path of
-the field at fault. A spec never holds a secret: storage credentials are named by the
+which `rbcbatch.jobs.submit` does; a KubeRay RayJob; a nightly CronJob). Specs are checked
+against `job_schema()` (published as `schemas/job.schema.json`) before anything runs, and a bad
+one is refused with the JSON path of the field at fault. A spec never holds a secret: storage credentials are named by the
 environment variables that hold them (`storage_env`).
 """
 
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +20,6 @@ import fsspec
 import yaml
 from jsonschema import Draft202012Validator
 
-from rbcbatch import __version__
 from rbcbatch.engine.config import CLASSIFIERS, SEGMENTERS, RunConfig
 from rbcbatch.engine.run import RunSummary, run
 from rbcbatch.errors import JobSpecError, RbcbatchError
@@ -479,7 +475,7 @@ def _run_shift(spec: dict, say: Callable[[str], None]) -> JobOutcome:
     return JobOutcome("shift", 0, lines, result=report)
 
 
-# -- submitting to a cluster ---------------------------------------------------------------------
+# -- checks before a cluster submit (rbcbatch.jobs.submit sends the job) -------------------------
 def is_url(location: str) -> bool:
     return "://" in location
 
@@ -495,55 +491,3 @@ def cluster_path_problems(spec: dict) -> list[str]:
                 "(s3://...) or an absolute path that every node can read"
             )
     return problems
-
-
-def submission(spec_path: str, staging: Path) -> tuple[list[str], dict]:
-    """The entrypoint argv and runtime_env that run a spec on a cluster.
-
-    A local spec travels as the only file of the job's working_dir (staged in `staging`), so
-    nothing else of this machine is uploaded; a spec at a URL is read there by the job itself.
-    """
-    if is_url(spec_path):
-        return ["rbcbatch", "run-job", spec_path], {}
-    staged = staging / Path(spec_path).name
-    shutil.copyfile(spec_path, staged)
-    return ["rbcbatch", "run-job", staged.name], {"working_dir": str(staging)}
-
-
-def job_client(address: str):
-    """A Ray Jobs API client for the cluster's dashboard at `address` (http://HEAD:8265)."""
-    try:
-        import aiohttp  # noqa: F401  (what the Jobs client needs beyond ray itself)
-        import requests  # noqa: F401
-        from ray.job_submission import JobSubmissionClient
-    except ImportError as e:
-        raise RbcbatchError(
-            f"submitting needs the Ray Jobs client ({e.name} is missing): "
-            "pip install 'ray[default]'"
-        ) from e
-    try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RbcbatchError(
-            f"no Ray job server answered at {address} ({str(e).rstrip('.')}). Give the "
-            "head's dashboard address (http://HEAD:8265), forward it first (`ray dashboard "
-            "cluster/aws.yaml`, or `kubectl port-forward svc/rbcbatch-head-svc 8265:8265`), and "
-            "check that the cluster runs ray[default] (the rbcbatch image does)"
-        ) from e
-
-
-def submit(spec_path: str | Path, address: str) -> str:
-    """Check a spec, then send `rbcbatch run-job SPEC` to a cluster; returns the submission id."""
-    spec_path = str(spec_path)
-    spec = load_spec(spec_path)
-    problems = cluster_path_problems(spec)
-    if problems:
-        raise JobSpecError(spec_path, problems)
-    with tempfile.TemporaryDirectory(prefix="rbcbatch-job-") as staging:
-        argv, runtime_env = submission(spec_path, Path(staging))
-        client = job_client(address)
-        return client.submit_job(
-            entrypoint=shlex.join(argv),
-            runtime_env=runtime_env,
-            metadata={"rbcbatch_kind": spec["kind"], "rbcbatch_version": __version__},
-        )

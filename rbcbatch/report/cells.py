@@ -1,8 +1,9 @@
 """Cells seen in the slides and the run's masks, for the report: example crops and truth.
 
 Example cells are cut from the slide images at a fixed size in µm (so every crop has the same
-scale) with the cell's outline drawn from `masks.zarr/<slide_id>/0`, whose labels are the
-cells' `cell_id`s. The cell-level agreement with truth matches each slide's mask to the
+scale) with the cell's outline drawn from level 0 of the slide's label pyramid in `masks.zarr`
+(`RunStore.label_levels`, which reads older runs' layout too), whose labels are the cells'
+`cell_id`s. The cell-level agreement with truth matches each slide's mask to the
 synthetic truth masks one-to-one at IoU >= 0.5, as `rbcbatch evaluate` does, and counts
 (true class, called class) over the red cells the `patients` view counts.
 """
@@ -153,8 +154,6 @@ def crop_gallery(
 ) -> tuple[list[dict], list[str]]:
     """[{class, crops: [{png, caption, prob}]}] of the example cells, and notes on slides that
     could not be shown. Slides are opened one at a time, in slide order."""
-    import zarr
-
     crops: dict[int, dict] = {}
     notes: list[str] = []
     by_slide: dict[str, list[int]] = {}
@@ -176,9 +175,7 @@ def crop_gallery(
             notes.append(f"slide {slide_id} could not be read for example cells: {e}")
             continue
         try:
-            mask = zarr.open_array(
-                f"{store.mask_url(slide_id)}/0", mode="r", storage_options=store._zarr_options()
-            )
+            mask = store.label_levels(slide_id)[0]
             shape = (int(first["height"]), int(first["width"]))
             for index in indices:
                 cell = cells[index]
@@ -259,7 +256,6 @@ def cell_confusion(
     over red cells that match a true red cell and are not cut by the image edge (the cells the
     patients view counts)."""
     import pyarrow.parquet as pq
-    import zarr
 
     from rbcbatch.evaluation.metrics import best_match
 
@@ -292,9 +288,7 @@ def cell_confusion(
             skipped.append(f"{slide_id} (mask of {width}×{height} too large to match whole)")
             continue
         true_labels = cv2.imread(str(mask_file), cv2.IMREAD_UNCHANGED)
-        labels = zarr.open_array(
-            f"{store.mask_url(slide_id)}/0", mode="r", storage_options=store._zarr_options()
-        )[...]
+        labels = store.label_levels(slide_id)[0][...]
         if true_labels is None or true_labels.shape != labels.shape:
             skipped.append(f"{slide_id} (truth mask missing or of another size)")
             continue

@@ -439,7 +439,9 @@ def shift_section(
     try:
         from rbcbatch.analytics.shift import shift_analysis, shift_map_png
     except ImportError as e:
-        return {"note": f"No dataset-shift map: rbcbatch.analytics.shift is not available here ({e})."}
+        return {
+            "note": f"No dataset-shift map: rbcbatch.analytics.shift is not available here ({e})."
+        }
     try:
         result = shift_analysis(
             run_dir, by="site", storage_options=storage_options, **(shift_options or {})

@@ -2,8 +2,10 @@
 
 Layout of a run folder (local path or fsspec URL):
 
-    masks.zarr/<slide_id>/{0,1,...}   uint32 labels, level 0 full resolution, OME-Zarr metadata
-    cells/cohort=<c>/patient_id=<p>/<slide_id>.parquet
+    masks.zarr/<slide_id>/           OME-Zarr 0.5 image per slide (store.masks): an RGB overview
+        labels/cells/{0,1,...}       with its uint32 labels, level 0 full resolution
+    cells/<cohort>/<patient_id>.parquet   a patient's cells, a row group per slide (or region)
+    cells/<cohort>/<patient_id>/<slide_id>.parquet   a slide's, until finalize folds it in
     _slides/<slide_id>.json          the commit record of a slide (its manifest row)
     _failed/<key>.json               a failure of the latest attempt at a slide or catalog row
     run.json                         the run's configuration and its hash
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 import fsspec
@@ -32,8 +35,27 @@ import zarr
 from rbcbatch.errors import Failure, RunDirError
 from rbcbatch.io.deidentify import withhold_uri
 from rbcbatch.io.storage import scrub
-from rbcbatch.store.masks import MASK_CHUNK, mask_attrs, mask_level_shapes
+from rbcbatch.store.masks import (
+    LABELS_PATH,
+    MASK_CHUNK,
+    image_attrs,
+    label_attrs,
+    label_group_path,
+    labels_attrs,
+    mask_level_shapes,
+    overview_pyramid,
+)
 from rbcbatch.store.schema import FAILURE_FIELDS, MANIFEST_FIELDS, cells_schema
+
+logger = logging.getLogger(__name__)
+
+# Key-value metadata of a patient's cells file: JSON {slide_id: run_id} of the slides it holds,
+# so that compaction tells a slide file it already folded in (a run died before removing it)
+# from a newer one.
+SLIDES_KEY = b"rbcbatch.slides"
+# Buffer of a cells file written piece by piece: s3fs uploads it in parts of this size, which
+# S3 wants at least 5 MiB (the read block rbcbatch.io.storage sets is smaller, 256 KiB).
+WRITE_BLOCK_SIZE = 16 * 2**20
 
 
 def now_iso() -> str:
@@ -58,13 +80,27 @@ class RunStore:
         return "/".join([self.root, *parts])
 
     def mask_url(self, slide_id: str | None = None) -> str:
+        """URL of masks.zarr, or of a slide's OME-Zarr image in it (its labels: `open_labels`)."""
         base = f"{self.url}/masks.zarr"
         return f"{base}/{slide_id}" if slide_id else base
 
     def cells_path(self, cohort: str, patient_id: str, slide_id: str) -> str:
-        return self.path(
-            "cells", f"cohort={cohort}", f"patient_id={patient_id}", f"{slide_id}.parquet"
-        )
+        """A slide's own cells file, from its write until finalize folds it into its patient's.
+
+        No `key=value` folder names: readers would add cohort and patient_id from them (as a
+        dictionary, `00123` as an integer) beside the same columns in the files."""
+        return self.path("cells", cohort, patient_id, f"{slide_id}.parquet")
+
+    def patient_cells_path(self, cohort: str, patient_id: str) -> str:
+        """A patient's cells file: its committed slides, each in row groups of its own."""
+        return self.path("cells", cohort, f"{patient_id}.parquet")
+
+    def _cells_tmp(self, path: str) -> str:
+        """Where a cells file is written before its move into place: outside cells/, so that no
+        reader of that folder ever meets one (polars refuses a folder holding other suffixes),
+        in one flat folder ('+' is in no safe name: rbcbatch.io.catalog)."""
+        relative = path[len(self.path("cells")) + 1 :].replace("/", "+")
+        return self.path("_tmp", "cells", f".{relative}.tmp")
 
     # -- small atomic writes -------------------------------------------------------------
     def _put_atomic(self, path: str, data: bytes) -> None:
@@ -128,43 +164,83 @@ class RunStore:
             self.fs.rm(self.path("_slides"), recursive=True)
 
     # -- one slide ----------------------------------------------------------------------
-    def write_mask(self, slide_id: str, labels: np.ndarray, um_per_px: float, attrs: dict) -> None:
-        """Write a slide's label array and its 2× nearest-neighbour pyramid, chunk-aligned."""
-        group = zarr.open_group(
-            self.mask_url(slide_id), mode="w", storage_options=self._zarr_options()
-        )
-        n_levels = len(mask_level_shapes(labels.shape))
+    def write_mask(
+        self,
+        slide_id: str,
+        labels: np.ndarray,
+        um_per_px: float,
+        attrs: dict,
+        image: np.ndarray,
+    ) -> None:
+        """Write a slide's label array (uint32 (H, W)) and its 2× nearest-neighbour pyramid,
+        chunk-aligned, with the overview of its full-resolution RGB `image` (uint8 (H, W, 3))
+        as their parent image."""
+        levels = self.create_mask_levels(slide_id, labels.shape, um_per_px, attrs, image)
         level = labels
-        for index in range(n_levels):
-            chunks = (min(MASK_CHUNK, level.shape[0]), min(MASK_CHUNK, level.shape[1]))
-            array = group.create_array(
-                str(index), shape=level.shape, dtype="uint32", chunks=chunks, fill_value=0
-            )
+        for array in levels:
             array[...] = level
             level = level[::2, ::2]
-        group.attrs.update(mask_attrs(slide_id, um_per_px, n_levels, self._public(attrs)))
 
     def create_mask_levels(
-        self, slide_id: str, shape: tuple[int, int], um_per_px: float, attrs: dict
+        self,
+        slide_id: str,
+        shape: tuple[int, int],
+        um_per_px: float,
+        attrs: dict,
+        overview: np.ndarray,
     ) -> list[zarr.Array]:
-        """Empty label arrays (all 0) of a slide's mask pyramid, with write_mask's metadata, for
-        a slide written window by window. Chunks left at 0 are never stored."""
+        """A slide's mask group, with empty label arrays (all 0) of its pyramid to fill, for a
+        slide written window by window (chunks left at 0 are never stored).
+
+        overview: uint8 (h, w, 3) RGB of the whole slide at any resolution (a coarse level of a
+        whole-slide image will do); it is written, area-averaged, as the labels' parent image.
+        De-identified runs keep the parent image's arrays empty (all 0): a slide's pixels may
+        show its paper label or a name written on the glass.
+        """
         group = zarr.open_group(
             self.mask_url(slide_id), mode="w", storage_options=self._zarr_options()
         )
-        arrays = [
-            group.create_array(
+        shapes = mask_level_shapes(shape)
+        for index, level in enumerate(overview_pyramid(overview, shape, len(shapes))):
+            array = group.create_array(
+                str(index),
+                shape=level.shape,
+                dtype="uint8",
+                chunks=(3, min(MASK_CHUNK, level.shape[1]), min(MASK_CHUNK, level.shape[2])),
+                fill_value=0,
+                dimension_names=["c", "y", "x"],
+                config={"write_empty_chunks": False},
+            )
+            if not self.deidentified:
+                array[...] = level
+        group.attrs.update(image_attrs(slide_id, um_per_px, len(shapes)))
+        group.create_group("labels", attributes=labels_attrs())
+        cells = group.create_group(
+            LABELS_PATH, attributes=label_attrs(um_per_px, len(shapes), self._public(attrs))
+        )
+        return [
+            cells.create_array(
                 str(index),
                 shape=level_shape,
                 dtype="uint32",
                 chunks=(min(MASK_CHUNK, level_shape[0]), min(MASK_CHUNK, level_shape[1])),
                 fill_value=0,
+                dimension_names=["y", "x"],
                 config={"write_empty_chunks": False},
             )
-            for index, level_shape in enumerate(mask_level_shapes(shape))
+            for index, level_shape in enumerate(shapes)
         ]
-        group.attrs.update(mask_attrs(slide_id, um_per_px, len(arrays), self._public(attrs)))
-        return arrays
+
+    def open_labels(self, slide_id: str) -> zarr.Group:
+        """A slide's label pyramid group (read only), in this layout or that of older runs."""
+        masks = zarr.open_group(self.mask_url(), mode="r", storage_options=self._zarr_options())
+        return masks[label_group_path(masks, slide_id)]
+
+    def label_levels(self, slide_id: str) -> list[zarr.Array]:
+        """A slide's label arrays, level 0 (full resolution) first, as its metadata lists them."""
+        group = self.open_labels(slide_id)
+        datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+        return [group[d["path"]] for d in datasets]
 
     @contextmanager
     def cells_writer(
@@ -173,12 +249,11 @@ class RunStore:
         """A Parquet writer for a slide's cells, appended in row groups; the file is written under
         a temporary name and moved into place only when the block ends without error."""
         path = self.cells_path(cohort, patient_id, slide_id)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp"
+        tmp = self._cells_tmp(path)
+        self.fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
         try:
             with (
-                self.fs.open(tmp, "wb") as f,
+                self.fs.open(tmp, "wb", block_size=WRITE_BLOCK_SIZE) as f,
                 pq.ParquetWriter(f, cells_schema(), compression="zstd") as writer,
             ):
                 yield writer
@@ -186,12 +261,170 @@ class RunStore:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
             raise
-        self.fs.mv(tmp, path)
+        self._move_into_place(tmp, path)
 
     def write_cells(self, cohort: str, patient_id: str, slide_id: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        self._put_atomic(self.cells_path(cohort, patient_id, slide_id), buffer.getvalue())
+        path = self.cells_path(cohort, patient_id, slide_id)
+        tmp = self._cells_tmp(path)
+        self.fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(tmp, buffer.getvalue())
+        self._move_into_place(tmp, path)
+
+    def _move_into_place(self, tmp: str, path: str) -> None:
+        """A rename on local disks; on object stores a copy, which appears whole or not at all."""
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, path)
+
+    def read_cells(self, slide_id: str) -> pa.Table:
+        """A committed slide's cells (of its committed run), from its own file or its patient's:
+        the same before and after finalize, and in the hive layout of older runs."""
+        record = self.commit_record(slide_id)
+        cohort, patient_id = record["cohort"], record["patient_id"]
+        candidates = [
+            self.cells_path(cohort, patient_id, slide_id),
+            self.path(
+                "cells", f"cohort={cohort}", f"patient_id={patient_id}", f"{slide_id}.parquet"
+            ),
+            self.patient_cells_path(cohort, patient_id),
+        ]
+        path = next((p for p in candidates if self.fs.exists(p)), None)
+        if path is None:
+            raise FileNotFoundError(f"no cells file of slide {slide_id} in {self.url}/cells")
+        return pq.read_table(
+            path,
+            filesystem=self.fs,
+            partitioning=None,
+            filters=[("slide_id", "==", slide_id), ("run_id", "==", record["run_id"])],
+        ).replace_schema_metadata(None)
+
+    # -- compaction: one file per patient -----------------------------------------------
+    def compact_cells(self, records: list[dict] | None = None) -> int:
+        """Fold the committed slides' own files into one file per patient; returns how many
+        patient files were (re)written.
+
+        A query then reads one footer per patient, not one per slide. Per patient: its file is
+        written anew under a temporary name (outside cells/) from the slide files and the slides
+        it already held, a row group per slide (a region-by-region slide keeps its regions'),
+        streamed row group by row group; moved into place; then the slide files are removed.
+        The file's metadata (SLIDES_KEY) lists its slides with their run ids, so a slide file
+        left by a run that died after the move is seen to be in it and removed. Only committed
+        slides of their committed run are folded in: a slide file of an uncommitted slide, or
+        of a run other than its commit record's, stays as it is (the `cells` view leaves it out).
+        Slide files of older runs' hive layout (cells/cohort=<c>/patient_id=<p>/) are folded in
+        alike. Patients without slide files are not read at all.
+        """
+        records = self.read_records("_slides") if records is None else records
+        by_patient: dict[tuple[str, str], dict[str, str]] = {}
+        for r in records:
+            if r.get("cohort") and r.get("patient_id") and r.get("run_id"):
+                key = (r["cohort"], r["patient_id"])
+                by_patient.setdefault(key, {})[r["slide_id"]] = r["run_id"]
+        patient_of = {s: key for key, slides in by_patient.items() for s in slides}
+        loose: dict[tuple[str, str], dict[str, str]] = {}
+        for path in self.fs.glob(self.path("cells", "*", "*", "*.parquet")):
+            slide_id = path.rsplit("/", 1)[1][: -len(".parquet")]
+            if slide_id in patient_of:
+                loose.setdefault(patient_of[slide_id], {})[slide_id] = path
+        return sum(
+            self._compact_patient(cohort, patient_id, by_patient[cohort, patient_id], files)
+            for (cohort, patient_id), files in sorted(loose.items())
+        )
+
+    def _compact_patient(
+        self, cohort: str, patient_id: str, slides: dict[str, str], loose: dict[str, str]
+    ) -> bool:
+        """slides: {slide_id: committed run_id} of the patient; loose: {slide_id: path} of its
+        slide files. True when the patient's file was written."""
+        target = self.patient_cells_path(cohort, patient_id)
+        held = self._held_slides(target)
+        if held is None:
+            return False
+        duplicates = {s: p for s, p in loose.items() if held.get(s) == slides[s]}
+        fresh = {
+            s: p for s, p in loose.items() if s not in duplicates and self._holds_run(p, slides[s])
+        }
+        if fresh:
+            keep = {s: r for s, r in sorted(slides.items()) if s in fresh or held.get(s) == r}
+            self._write_patient(target, keep, fresh)
+        for path in [*duplicates.values(), *fresh.values()]:
+            self.fs.rm(path)
+        for path in {p.rsplit("/", 1)[0] for p in [*duplicates.values(), *fresh.values()]}:
+            self._remove_if_empty(path)
+        return bool(fresh)
+
+    def _held_slides(self, target: str) -> dict[str, str] | None:
+        """{slide_id: run_id} a patient's file holds ({} when there is none yet; None when it
+        cannot be rewritten: another schema)."""
+        if not self.fs.exists(target):
+            return {}
+        with self.fs.open(target, "rb") as f:
+            schema = pq.read_schema(f)
+        if not schema.equals(cells_schema()):
+            logger.warning(
+                "%s has another cells schema; its slide files are left as they are", target
+            )
+            return None
+        return json.loads((schema.metadata or {}).get(SLIDES_KEY, b"{}"))
+
+    def _holds_run(self, path: str, run_id: str) -> bool:
+        """True when the slide file has the cells schema and every row is of run `run_id`
+        (from the row groups' statistics where written, else from the column)."""
+        with self.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if not parquet.schema_arrow.equals(cells_schema()):
+                logger.warning("%s has another cells schema; it is left as it is", path)
+                return False
+            return all(
+                _row_group_values(parquet, index, "run_id") == {run_id}
+                for index in range(parquet.num_row_groups)
+                if parquet.metadata.row_group(index).num_rows
+            )
+
+    def _write_patient(self, target: str, keep: dict[str, str], fresh: dict[str, str]) -> None:
+        """Write the patient's file: `keep`'s slides in slide order, from their slide file
+        (`fresh`) or the row groups of the file in place; one source row group at a time."""
+        tmp = self._cells_tmp(target)
+        self.fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
+        schema = cells_schema().with_metadata({SLIDES_KEY: json.dumps(keep, sort_keys=True)})
+        with ExitStack() as stack:
+            held = None
+            if any(s not in fresh for s in keep):
+                held = pq.ParquetFile(stack.enter_context(self.fs.open(target, "rb")))
+            held_groups: dict[str, list[int]] = {}
+            for index in range(held.num_row_groups if held else 0):
+                for slide_id in _row_group_values(held, index, "slide_id"):
+                    held_groups.setdefault(slide_id, []).append(index)
+            writer = stack.enter_context(
+                pq.ParquetWriter(
+                    stack.enter_context(self.fs.open(tmp, "wb", block_size=WRITE_BLOCK_SIZE)),
+                    schema,
+                    compression="zstd",
+                )
+            )
+            for slide_id in keep:
+                if slide_id in fresh:
+                    with self.fs.open(fresh[slide_id], "rb") as f:
+                        source = pq.ParquetFile(f)
+                        for index in range(source.num_row_groups):
+                            _copy_row_group(source, index, writer)
+                else:
+                    for index in held_groups.get(slide_id, []):
+                        _copy_row_group(held, index, writer)
+        self._move_into_place(tmp, target)
+
+    def _remove_if_empty(self, folder: str) -> None:
+        """Remove a slide files' folder left empty, and its parent under cells/ (the cohort=
+        folder of the hive layout); object stores have no folders to remove."""
+        cells = self.path("cells")
+        if "file" not in self.fs.protocol:
+            return
+        while folder.startswith(cells + "/") and self.fs.isdir(folder):
+            if self.fs.ls(folder, detail=False):
+                return
+            self.fs.rmdir(folder)
+            folder = folder.rsplit("/", 1)[0]
 
     # -- attempts: which slide was in hand when a worker died --------------------------
     def attempts(self, run_id: str, slide_id: str) -> int:
@@ -239,7 +472,8 @@ class RunStore:
 
     # -- consolidation ------------------------------------------------------------------
     def finalize(self) -> tuple[pa.Table, pa.Table]:
-        """Rewrite manifest.parquet and failures.parquet from the per-slide records."""
+        """Rewrite manifest.parquet and failures.parquet from the per-slide records, then fold
+        the committed slides' cells files into their patients' (compact_cells)."""
         committed = self.read_records("_slides")
         committed_ids = {r["slide_id"] for r in committed}
         failures = [
@@ -264,7 +498,27 @@ class RunStore:
             buffer = io.BytesIO()
             pq.write_table(table, buffer)
             self._put_atomic(self.path(name), buffer.getvalue())
+        self.compact_cells(committed)
         return manifest, failure_table
+
+
+def _row_group_values(parquet: pq.ParquetFile, index: int, column: str) -> set[str]:
+    """The values of a string column in one row group: from its statistics when they are exact
+    (min equal to max), else read."""
+    group = parquet.metadata.row_group(index)
+    position = parquet.schema_arrow.get_field_index(column)
+    stats = group.column(position).statistics
+    if stats is not None and stats.has_min_max and stats.min == stats.max:
+        return {stats.min}
+    values = parquet.read_row_group(index, columns=[column]).column(0)
+    return set(values.unique().to_pylist())
+
+
+def _copy_row_group(source: pq.ParquetFile, index: int, writer: pq.ParquetWriter) -> None:
+    """One row group of `source` as one row group of `writer` (empty ones are dropped)."""
+    table = source.read_row_group(index)
+    if table.num_rows:
+        writer.write_table(table, row_group_size=table.num_rows)
 
 
 def _table(rows: list[dict], fields: dict[str, pa.DataType]) -> pa.Table:

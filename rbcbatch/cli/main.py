@@ -1,151 +1,32 @@
-"""The `rbcbatch` command line. Scripts and schedulers call these; keep them stable."""
+"""The `rbcbatch` command line. Scripts and schedulers call these; keep them stable.
+
+The run-time commands are here; the development commands (synth, demo, evaluate, train) are
+in rbcbatch.cli.dev, which reaches rbcbatch.dev only inside them.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from rbcbatch.cli.console import ray_output_to_log
+from rbcbatch.cli.common import (
+    GRADING_OPTION,
+    PATIENT_COLUMNS,
+    STORAGE_OPTION,
+    VERBOSE_OPTION,
+    _fail,
+    _print_table,
+    _rules,
+    _storage_options,
+    app,
+    console,
+    out_console,
+    ray_output_to_log,
+    run_catalog,
+)
 from rbcbatch.errors import RbcbatchError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Screen blood-smear archives for anemia and hereditary spherocytosis, cell by cell.",
-)
-console = Console(stderr=True)
-# Tables are wide; when piped (no terminal to measure), print them at a width that fits them.
-out_console = Console() if sys.stdout.isatty() else Console(width=220)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-@app.command()
-def synth(
-    out_dir: Path = typer.Argument(
-        ..., help="Folder to write images, catalog.csv, truth.parquet and truth_masks/ into."
-    ),
-    patients: int = typer.Option(
-        6, "--patients", min=1, help="Number of patients (conditions round-robin normal, hs, ida)."
-    ),
-    images_per_patient: int = typer.Option(
-        2, "--images-per-patient", min=1, help="Smear fields per patient."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
-    height: int = typer.Option(600, help="Image height in pixels."),
-    width: int = typer.Option(800, help="Image width in pixels."),
-) -> None:
-    """Generate a synthetic cohort with exact per-cell ground truth."""
-    from rbcbatch.dev.synth import synth_cohort
-
-    catalog = synth_cohort(out_dir, patients, images_per_patient, seed, height=height, width=width)
-    out_console.print(f"wrote {patients * images_per_patient} images; catalog: {catalog}")
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def run_catalog(
-    catalog: str,
-    out: str,
-    segmenter: str,
-    classifier: str,
-    workers: int | None,
-    address: str | None,
-    new_config: bool,
-    quiet: bool = False,
-    stall_timeout: float | None = None,
-    storage_options: dict | None = None,
-    deidentify_key: bytes | None = None,
-    verbose: bool = False,
-    force: bool = False,
-):
-    """Run the pipeline with a progress bar; returns the RunSummary. Ray's own output goes to
-    OUT/_logs/ unless `verbose`."""
-    from rbcbatch.engine.config import RunConfig
-    from rbcbatch.engine.run import STALL_TIMEOUT_S, run
-
-    config = RunConfig(segmenter=segmenter, classifier=classifier)
-    state = {"objects": 0, "failed": 0}
-    with (
-        ray_output_to_log(out, console, storage_options, verbose),
-        _progress() as progress,
-    ):
-        task = progress.add_task("slides", total=None, note="starting Ray")
-
-        def on_start(pending: int, skipped: int) -> None:
-            note = f"{skipped} already committed, skipped" if skipped else ""
-            progress.update(task, total=pending, note=note)
-
-        def on_slide(row: dict) -> None:
-            state["objects"] += int(row["n_objects"])
-            state["failed"] += row["status"] != "ok"
-            progress.update(
-                task, advance=1, note=f"{state['objects']} cells, {state['failed']} failed"
-            )
-
-        summary = run(
-            catalog,
-            out,
-            config,
-            address=address,
-            workers=workers,
-            new_config=new_config,
-            stall_timeout_s=STALL_TIMEOUT_S if stall_timeout is None else stall_timeout,
-            storage_options=storage_options,
-            on_start=on_start,
-            on_slide=on_slide,
-            deidentify_key=deidentify_key,
-            force=force,
-        )
-    return summary
-
-
-VERBOSE_OPTION = typer.Option(
-    False,
-    "--verbose",
-    help="Show Ray's own log lines on the console (by default they go to OUT/_logs/ray-*.log).",
-)
-
-STORAGE_OPTION = typer.Option(
-    None,
-    "--storage-option",
-    help="fsspec/s3fs option NAME=VALUE, repeatable; dotted names nest, values parse as JSON "
-    "(client_kwargs.endpoint_url=http://host:9000, anon=true). Merged over the AWS_* "
-    "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
-    "AWS_ENDPOINT_URL[_S3], AWS_REGION).",
-)
-
-
-def _storage_options(pairs: list[str] | None, *urls: str, announce: bool = False) -> dict | None:
-    """Explicit options from --storage-option; with `announce`, says what s3 gets (no secrets)."""
-    from rbcbatch.io.storage import is_s3, options_from_cli, redacted, resolve_options
-
-    try:
-        explicit = options_from_cli(pairs)
-    except ValueError as e:
-        _fail(str(e))
-    if announce and any(is_s3(u) for u in urls):
-        console.print(f"storage options: {redacted(resolve_options(explicit, *urls))}")
-    return explicit or None
 
 
 @app.command("run")
@@ -242,45 +123,6 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def _print_table(table, title: str | None = None, csv: bool = False) -> None:
-    if csv:
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(table, sys.stdout.buffer)
-        return
-    view = Table(title=title, show_lines=False)
-    for name in table.column_names:
-        view.add_column(name, overflow="fold")
-    for row in table.to_pylist():
-        view.add_row(
-            *[
-                f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
-                for v in row.values()
-            ]
-        )
-    out_console.print(view)
-
-
-PATIENT_COLUMNS = (
-    "patient_id, site, label, n_slides, n_rbc, spherocyte_pct, spherocyte_pct_lo, "
-    "spherocyte_pct_hi, spherocyte_grade, microcyte_pct, macrocyte_pct, hypochromic_pct, "
-    "poikilocyte_pct, diameter_mean_um, diameter_cv_pct, hs_flag, anemia_flag"
-)
-
-GRADING_OPTION = typer.Option(
-    None,
-    "--grading",
-    help="Grading scheme of the *_grade columns: icsh2015 (default), cap_simple, or the path of "
-    "a YAML table of cut-offs (schemas/grading.schema.json).",
-)
-
-
-def _rules(path: Path | None):
-    from rbcbatch.analytics import ScreeningRules
-
-    return ScreeningRules.from_yaml(str(path)) if path else ScreeningRules()
-
-
 @app.command()
 def report(
     run_dir: str = typer.Argument(..., help="A run folder written by `rbcbatch run`."),
@@ -346,154 +188,6 @@ def query(
     except (FileNotFoundError, ValueError, duckdb.Error, RbcbatchError) as e:
         _fail(str(e))
     _print_table(table, None, csv)
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("demo_out"), help="Folder for the synthetic cohort and the run."),
-    patients: int = typer.Option(12, help="Patients in the synthetic cohort."),
-    images_per_patient: int = typer.Option(3, help="Smear fields per patient."),
-    seed: int = typer.Option(7, help="Random seed of the cohort."),
-    workers: int = typer.Option(None, help="Actors in the pool (default: one per CPU)."),
-    verbose: bool = VERBOSE_OPTION,
-) -> None:
-    """Synthesise a cohort, run it, print the patient table and how well it matches truth."""
-    from rbcbatch.dev.demo import agreement_tables
-    from rbcbatch.dev.synth import synth_cohort
-
-    started = time.perf_counter()
-    cohort_dir, run_dir = out / "cohort", out / "run"
-    console.print(
-        f"[bold]1/3[/bold] synthesising {patients} patients × {images_per_patient} fields → {cohort_dir}"
-    )
-    catalog = synth_cohort(cohort_dir, patients, images_per_patient, seed)
-    console.print(f"[bold]2/3[/bold] running the pipeline → {run_dir}")
-    summary = run_catalog(
-        str(catalog), str(run_dir), "classical", "rules", workers, None, True, verbose=verbose
-    )
-    console.print(f"[bold]3/3[/bold] report ({summary.objects} objects in {summary.seconds:.1f} s)")
-    from rbcbatch.analytics import query as run_query
-
-    _print_table(run_query(str(run_dir), f"SELECT {PATIENT_COLUMNS} FROM patients"), "patients")
-    for title, table in agreement_tables(str(run_dir), cohort_dir / "truth.parquet"):
-        _print_table(table, title)
-    out_console.print(
-        f"demo finished in {time.perf_counter() - started:.1f} s; query it with: "
-        f'rbcbatch query {run_dir} "SELECT * FROM patients"'
-    )
-    if summary.n_failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-def evaluate(
-    segmenter: str = typer.Option("classical", help="Segmenter to score."),
-    classifier: str = typer.Option(
-        "rules", help="Morphology classifier to score on synthetic cells."
-    ),
-    data: Path = typer.Option(
-        None, help="Folder holding anerbc_sample/ (default: ../shared/data beside the repository)."
-    ),
-    synthetic_images: int = typer.Option(24, help="Synthetic fields to score (held-out seed)."),
-) -> None:
-    """Score segmentation on synthetic truth (count, instance F1) and on real AneRBC masks (Dice)."""
-    import pyarrow as pa
-
-    from rbcbatch.dev.evaluate import (
-        ANERBC_HELD_OUT,
-        ANERBC_TUNED,
-        ANERBC_UM_PER_PX,
-        default_models,
-        evaluate_anerbc,
-        evaluate_morphology,
-        evaluate_synthetic,
-        mean_row,
-        synthetic_summary,
-    )
-
-    models = default_models(segmenter, classifier)
-    rows = evaluate_synthetic(models, synthetic_images)
-    _print_table(
-        pa.Table.from_pylist(rows), f"{segmenter}: synthetic fields, RBC instances at IoU >= 0.5"
-    )
-    _print_table(pa.Table.from_pylist([synthetic_summary(rows)]), f"{segmenter}: synthetic summary")
-    _print_table(
-        pa.Table.from_pylist(evaluate_morphology(models, synthetic_images)),
-        f"{classifier} morphology on {segmenter} segments matched to synthetic truth (held-out seed)",
-    )
-    from rbcbatch.dev.datasets import shared_data_dir
-
-    data = data or shared_data_dir()
-    if classifier == "resnet" and (data / "chula_rbc12").is_dir():
-        from rbcbatch.dev.train_classifier import evaluate_classifier
-
-        scores = evaluate_classifier(
-            "resnet_cells", root=data / "chula_rbc12", confusion_png="classifier_confusion.png"
-        )
-        recall, f1 = scores["recall"], scores["f1"]
-        rows = [
-            {"class": c, "recall": recall[c], "f1": f1[c]}
-            for c in sorted(recall, key=lambda c: (c != "spherocyte", c))
-        ]
-        _print_table(
-            pa.Table.from_pylist(rows),
-            f"resnet on the Chula RBC-12 test split: accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}",
-        )
-        console.print("confusion matrix: classifier_confusion.png")
-    if not (data / "anerbc_sample").is_dir():
-        console.print(
-            f"[yellow]AneRBC sample not found under {data}; skipping the real-image scores[/yellow]"
-        )
-        return
-    for title, ids in (("held out", ANERBC_HELD_OUT), ("used for tuning", ANERBC_TUNED)):
-        scored = evaluate_anerbc(models, data, ids)
-        _print_table(
-            pa.Table.from_pylist(scored + [mean_row(scored, "mean")]),
-            f"{segmenter}: AneRBC-I foreground vs given masks, {title} (assumed {ANERBC_UM_PER_PX} µm/px)",
-        )
-
-
-@app.command()
-def train(
-    what: str = typer.Argument(..., help="segmenter or classifier"),
-    out: Path = typer.Option(
-        None, help="Weights file to write (default: the shipped one in rbcbatch/models/weights/)."
-    ),
-    seed: int = typer.Option(0, help="Random seed (data split, initialisation, augmentation)."),
-    minutes: float = typer.Option(
-        None, help="Wall-time budget; training stops at the best checkpoint so far."
-    ),
-    epochs: int = typer.Option(20, help="Classifier: epochs."),
-    steps: int = typer.Option(1000, help="Segmenter: optimiser steps."),
-) -> None:
-    """Reproduce the shipped weights: train a model and write its weights and model card.
-
-    Reads the real data from ../shared/data (or $RBCBATCH_SHARED_DATA); CPU works, a GPU is faster.
-    """
-    if what == "classifier":
-        from rbcbatch.dev.train_classifier import SHIPPED_WEIGHTS, train_classifier
-
-        card = train_classifier(
-            out=out or SHIPPED_WEIGHTS,
-            epochs=epochs,
-            seed=seed,
-            time_limit_s=minutes * 60 if minutes else None,
-        )
-    elif what == "segmenter":
-        from dataclasses import replace
-
-        from rbcbatch.dev.train_segmenter import MAIN_PHASE, train_segmenter
-        from rbcbatch.models import WEIGHTS_DIR
-
-        card = train_segmenter(
-            out_weights=out or WEIGHTS_DIR / "unet_rbc.safetensors",
-            seed=seed,
-            phase=replace(MAIN_PHASE, steps=steps),
-            **({"minutes": minutes} if minutes else {}),
-        )
-    else:
-        _fail(f"unknown model {what!r}; choose segmenter or classifier")
-    out_console.print_json(data=card.metrics)
 
 
 @app.command()

@@ -382,6 +382,8 @@ def test_flags_rules_and_evidence(run_dir):
         {"indicator": "mchc_g_dl", "value": 37.0, "op": ">", "threshold": 36.0, "met": True}
     ]
     assert hs["grades"] == {"scheme": "icsh2015", "spherocyte": "0"}
+    # These hand-made commit records state no pixel-size source: nothing estimated.
+    assert hs["um_per_px"] == {"sources": [], "estimated": False}
 
     anemia = json.loads(a["anemia_evidence"])
     micro_hypo, diameter = anemia["criteria"]

@@ -238,7 +238,10 @@ def patients_sql(rules: ScreeningRules, scheme: GradingScheme | None = None) -> 
             f"json_object('decision', {flag}, 'n_rbc', n_rbc, 'min_rbc', {r.min_rbc}, "
             f"'positive_when', 'any criterion is met', 'criteria', json_array({criteria}), "
             f"'cbc_support', json_array({support}), "
-            f"'grades', json_object('scheme', grading_scheme, {grades}))::VARCHAR"
+            f"'grades', json_object('scheme', grading_scheme, {grades}), "
+            # µm measures rest on the pixel size: say where the patient's slides got theirs
+            "'um_per_px', json_object('sources', um_per_px_sources, 'estimated', "
+            "coalesce(list_contains(um_per_px_sources, 'estimated'), false)))::VARCHAR"
         )
 
     return sql_template("patients").format(

@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from rbcbatch.engine.calibration import calibrate_groups, group_of, slide_diameters
 from rbcbatch.engine.config import Models, RunConfig, stable_hash
 from rbcbatch.engine.processor import SlideProcessor
-from rbcbatch.errors import RbcbatchError, RunStalledError
-from rbcbatch.io.catalog import load_catalog
+from rbcbatch.errors import Failure, RbcbatchError, RunStalledError
+from rbcbatch.io.catalog import SlideSpec, load_catalog
 from rbcbatch.io.deidentify import check_run_folder, key_id, row_deidentifier
 from rbcbatch.io.storage import explains_storage_errors, resolve_options
 from rbcbatch.store.lease import holding
@@ -73,6 +74,55 @@ def stalled_message(timeout_s: float, pending: list[str], finished: set[str]) ->
         "actors need), or a read never returned. Committed slides are kept; run again to resume, "
         "or raise the stall timeout if one batch of slides really takes this long."
     )
+
+
+def calibrate_pending(
+    pending: list[SlideSpec],
+    store: RunStore,
+    storage_options: dict | None,
+    config: RunConfig,
+    stall_timeout_s: float | None,
+) -> tuple[list[SlideSpec], list[Failure]]:
+    """Fill in the pixel size of slides the catalog gives none, per site and scanner
+    (engine.calibration): a group some of whose slides an earlier run committed with an estimate
+    keeps that estimate, so a resumed run measures the group at one scale; the others are
+    estimated from their slides' isolated cells, read by Ray tasks. Returns the specs to process
+    and the failures of slides whose group cannot be calibrated."""
+    import ray
+
+    earlier: dict[tuple[str, str], tuple[float, int]] = {}
+    for record in store.read_records("_slides"):
+        if record.get("um_per_px_source") == "estimated":
+            key = (record.get("site") or "", record.get("scanner") or "")
+            earlier[key] = (record["um_per_px"], int(record.get("calibration_cells") or 0))
+    kept = []
+    for spec in pending:
+        if spec.um_per_px is None and group_of(spec) in earlier:
+            um_per_px, cells = earlier[group_of(spec)]
+            spec = replace(
+                spec, um_per_px=um_per_px, um_per_px_source="estimated", calibration_cells=cells
+            )
+        kept.append(spec)
+    todo = [s for s in kept if s.um_per_px is None]
+    if not todo:
+        return kept, []
+    task = ray.remote(num_cpus=1)(slide_diameters)
+    refs = [
+        task.remote(s, storage_options, config.max_pixels, config.region_min_pixels) for s in todo
+    ]
+    try:
+        found = ray.get(
+            refs, timeout=ray_stall_timeout(stall_timeout_s) if stall_timeout_s else None
+        )
+    except ray.exceptions.GetTimeoutError as e:
+        raise RunStalledError(
+            f"the pixel-size pass (isolated cells of {len(todo)} slides without um_per_px) did "
+            f"not finish in {stall_timeout_s:g} s: the cluster may lack CPUs for it. Give "
+            "um_per_px in the catalog, or raise the stall timeout."
+        ) from e
+    diameters = {s.slide_id: d for s, d in zip(todo, found, strict=True)}
+    ready, failures, _ = calibrate_groups(kept, diameters)
+    return ready, failures
 
 
 def new_run_id() -> str:
@@ -154,6 +204,20 @@ def run(
             )
         done = store.committed()
         pending = [s for s in catalog.slides if s.slide_id not in done]
+        if any(s.um_per_px is None for s in pending):
+            connect_ray(address)
+            pending, uncalibrated = calibrate_pending(
+                pending, store, storage_options, config, stall_timeout_s
+            )
+            for failure in uncalibrated:
+                store.record_failure(failure, run_id, f"slide-{failure.slide_id}")
+                failed.append(
+                    {
+                        "slide_id": failure.slide_id,
+                        "status": "failed",
+                        "message": f"{failure.stage}: {failure.message}",
+                    }
+                )
         if on_start:
             on_start(len(pending), len(catalog.slides) - len(pending))
         objects = 0

@@ -168,8 +168,8 @@ def pixel_size(
     the number of cells an estimate rests on. The catalog wins over the file's own statement;
     without either, the median diameter of isolated cells (`cell_diameters_px()`, called only
     then) is taken as RBC_DIAMETER_UM."""
-    if spec.um_per_px is not None:
-        return spec, "catalog", 0
+    if spec.um_per_px is not None:  # the catalog's, or its group's estimate (engine.calibration)
+        return spec, spec.um_per_px_source or "catalog", spec.calibration_cells
     if stated_um_per_px is not None:
         return replace(spec, um_per_px=round(stated_um_per_px, 6)), "file", 0
     diameters = cell_diameters_px()

@@ -59,6 +59,11 @@ class SlideSpec:
     mchc_g_dl: float | None = None
     rdw_pct: float | None = None
     row: int = 0
+    # Where um_per_px came from when the run filled it in (engine.calibration: "estimated" from
+    # the isolated cells of the slide's site and scanner) and how many cells that rests on;
+    # empty and 0 for a pixel size from the catalog.
+    um_per_px_source: str = ""
+    calibration_cells: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

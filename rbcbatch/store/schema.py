@@ -54,7 +54,9 @@ MANIFEST_FIELDS: dict[str, pa.DataType] = {
     "rdw_pct": pa.float64(),
     "um_per_px": pa.float64(),
     "um_per_px_source": pa.string(),  # "catalog", "file" (the slide's own), or "estimated"
-    "calibration_cells": pa.int64(),  # cells the estimate rests on (0 when from the catalog)
+    # Cells the estimate rests on: its site and scanner group's (engine.calibration), or a
+    # whole-slide image's own; 0 when from the catalog or the file.
+    "calibration_cells": pa.int64(),
     "width": pa.int64(),
     "height": pa.int64(),
     "n_objects": pa.int64(),

@@ -5,7 +5,10 @@
 WITH people AS (
     SELECT cohort, patient_id, any_value(site) AS site, any_value(label) AS label,
            count(*) AS n_slides,
-           avg(hb_g_dl) AS hb_g_dl, avg(mchc_g_dl) AS mchc_g_dl, avg(rdw_pct) AS rdw_pct
+           avg(hb_g_dl) AS hb_g_dl, avg(mchc_g_dl) AS mchc_g_dl, avg(rdw_pct) AS rdw_pct,
+           coalesce(list_sort(list(DISTINCT um_per_px_source)
+                              FILTER (WHERE um_per_px_source IS NOT NULL)),
+                    []::VARCHAR[]) AS um_per_px_sources
     FROM slides GROUP BY cohort, patient_id
 ), rbc AS (
     SELECT cohort, patient_id,

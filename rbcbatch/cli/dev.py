@@ -91,9 +91,23 @@ def evaluate(
         None, help="Folder holding anerbc_sample/ (default: ../shared/data beside the repository)."
     ),
     synthetic_images: int = typer.Option(24, help="Synthetic fields to score (held-out seed)."),
+    real: bool = typer.Option(
+        False,
+        "--real",
+        help="Instead: run the whole pipeline on the real held-out smears (AneRBC 004-006, the "
+        "PBC held-back split) and report per data set the red cells called normal and "
+        "spherocyte, and the HS and anemia flags.",
+    ),
+    out: Path = typer.Option(
+        Path("eval_real"), help="With --real: folder for the catalogs and runs (kept to query)."
+    ),
 ) -> None:
     """Score segmentation on synthetic truth (count, instance F1) and on real AneRBC masks (Dice)."""
     import pyarrow as pa
+
+    if real:
+        _evaluate_real(segmenter, classifier, data, out)
+        return
 
     from rbcbatch.dev.evaluate import (
         ANERBC_HELD_OUT,
@@ -190,3 +204,33 @@ def train(
     else:
         _fail(f"unknown model {what!r}; choose segmenter or classifier")
     out_console.print_json(data=card.metrics)
+
+
+def _evaluate_real(segmenter: str, classifier: str, data: Path | None, out: Path) -> None:
+    """`evaluate --real`: the screening's calls on real smears it was not tuned on."""
+    from rbcbatch.analytics import query
+    from rbcbatch.dev.datasets import shared_data_dir
+    from rbcbatch.dev.evaluate_real import (
+        FLAGS_SQL,
+        PER_INDIVIDUAL_SQL,
+        SHARES_SQL,
+        real_catalogs,
+    )
+
+    data = data or shared_data_dir()
+    catalogs = real_catalogs(data, out)
+    if not catalogs:
+        _fail(f"no real data set (anerbc_sample/, pbc_subset/) under {data}")
+    for name, catalog in catalogs.items():
+        run_dir = out / f"{name}-{segmenter}-{classifier}"
+        console.print(f"[bold]{name}[/bold]: {catalog} → {run_dir}")
+        summary = run_catalog(str(catalog), str(run_dir), segmenter, classifier, None, None, True)
+        if summary.n_failed:
+            console.print(
+                f"[yellow]{summary.n_failed} slide(s) failed[/yellow]: {run_dir}/failures.parquet"
+            )
+        title = f"{name}, {segmenter} + {classifier}"
+        _print_table(query(str(run_dir), SHARES_SQL), f"{title}: red cells called")
+        _print_table(query(str(run_dir), FLAGS_SQL), f"{title}: flags by label")
+        if name.startswith("anerbc"):
+            _print_table(query(str(run_dir), PER_INDIVIDUAL_SQL), f"{title}: per individual")

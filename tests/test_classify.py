@@ -248,3 +248,28 @@ def test_spherocytes_on_synthetic_truth_masks():
     assert truth_s.sum() >= 50
     assert hits / truth_s.sum() >= 0.85
     assert hits / called_s.sum() >= 0.8
+
+
+def _slide(discocyte: dict, n: int, *cells: dict) -> list[str]:
+    """The calls of `cells` on a slide that also holds `n` copies of `discocyte`."""
+    return call(*([discocyte] * n), *cells)[n:]
+
+
+def test_spherocytes_are_called_against_the_slides_own_discocytes():
+    # A slide read at too fine a pixel size: its discocytes measure 5.5 µm, not 7.5.
+    small = {**NORMAL, "diameter_um": 5.5, "pallor_ratio": 0.7}
+    dense = {**NORMAL, "pallor_ratio": 1.05, "pallor_area_fraction": 0.0}
+    # 0.96 x 5.5 = 5.28 µm: a dense 5.0 µm cell is smaller than its neighbours, a 5.4 is not.
+    assert _slide(small, 40, {**dense, "diameter_um": 5.0}, {**dense, "diameter_um": 5.4}) == [
+        "spherocyte",
+        "microcyte",
+    ]
+    # Too few reference discocytes: the absolute 7.0 µm cut-off decides.
+    assert _slide(small, 10, {**dense, "diameter_um": 5.4}) == ["spherocyte"]
+    # Discocytes with little pallor (median 0.9) raise the bar to 1.15: 1.05 is not dense.
+    faint = {**NORMAL, "diameter_um": 7.5, "pallor_ratio": 0.9}
+    assert _slide(faint, 40, {**dense, "diameter_um": 5.9}) == ["microcyte"]
+    assert _slide(faint, 40, {**dense, "diameter_um": 6.0, "pallor_ratio": 1.2}) == ["spherocyte"]
+    # Large-looking discocytes never lift the absolute cut-off.
+    large = {**NORMAL, "diameter_um": 9.5, "pallor_ratio": 0.7}
+    assert _slide(large, 40, {**dense, "diameter_um": 7.5}) == ["normal"]

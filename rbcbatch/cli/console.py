@@ -21,24 +21,22 @@ from pathlib import Path
 
 from rich.console import Console
 
+from rbcbatch.io.storage import protocol
+
 LOG_FOLDER = "_logs"
-
-
-def _is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
 
 
 def _local_log(out: str) -> tuple[Path, bool]:
     """Where the log goes on this machine, and whether it must be uploaded afterwards."""
     name = f"ray-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
-    if not _is_url(out):
+    if protocol(out) == "file":
         folder = Path(out.removeprefix("file://")) / LOG_FOLDER
         with suppress(OSError):  # read-only or full: the run itself says so, clearly
             folder.mkdir(parents=True, exist_ok=True)
             return folder / name, False
     fd, path = tempfile.mkstemp(prefix="rbcbatch-", suffix=f"-{name}")
     os.close(fd)
-    return Path(path), _is_url(out)
+    return Path(path), protocol(out) != "file"
 
 
 @contextmanager

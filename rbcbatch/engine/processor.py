@@ -142,10 +142,11 @@ class SlideProcessor:
     def _report(
         out: dict[str, list], spec: SlideSpec, record: dict | None, failure: Failure | None
     ) -> None:
+        row = failure_row(failure) if failure else {"status": "ok", "message": ""}
         out["slide_id"].append(spec.slide_id)
-        out["status"].append("failed" if failure else "ok")
+        out["status"].append(row["status"])
         out["n_objects"].append(0 if failure else record["n_objects"])
-        out["message"].append(f"{failure.stage}: {failure.message}" if failure else "")
+        out["message"].append(row["message"])
 
     def open_large(self, spec: SlideSpec):
         """The slide opened lazily when it is a tiled TIFF over region_min_pixels, else None."""
@@ -208,6 +209,15 @@ class SlideProcessor:
         )
         self.store.commit(record)
         return record
+
+
+def failure_row(failure: Failure) -> dict:
+    """A failed slide or catalog row as the run reports it (RunSummary.failed, the CLI)."""
+    return {
+        "slide_id": failure.slide_id,
+        "status": "failed",
+        "message": f"{failure.stage}: {failure.message}",
+    }
 
 
 def _empty_outcome() -> dict[str, list]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from rbcbatch.engine.calibration import calibrate_groups, group_of, slide_diameters
 from rbcbatch.engine.config import Models, RunConfig, stable_hash
-from rbcbatch.engine.processor import SlideProcessor
+from rbcbatch.engine.processor import SlideProcessor, failure_row
 from rbcbatch.errors import Failure, RbcbatchError, RunStalledError
 from rbcbatch.io.catalog import SlideSpec, load_catalog
 from rbcbatch.io.deidentify import check_run_folder, key_id, row_deidentifier
@@ -111,9 +111,8 @@ def calibrate_pending(
         task.remote(s, storage_options, config.max_pixels, config.region_min_pixels) for s in todo
     ]
     try:
-        found = ray.get(
-            refs, timeout=ray_stall_timeout(stall_timeout_s) if stall_timeout_s else None
-        )
+        timeout = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else None
+        found = ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError as e:
         raise RunStalledError(
             f"the pixel-size pass (isolated cells of {len(todo)} slides without um_per_px) did "
@@ -195,15 +194,10 @@ def run(
         failed: list[dict] = []
         for failure in catalog.rejected:
             store.record_failure(failure, run_id, f"catalog-row-{len(failed) + 1}")
-            failed.append(
-                {
-                    "slide_id": failure.slide_id,
-                    "status": "failed",
-                    "message": f"catalog: {failure.message}",
-                }
-            )
+            failed.append(failure_row(failure))
         done = store.committed()
         pending = [s for s in catalog.slides if s.slide_id not in done]
+        skipped = len(catalog.slides) - len(pending)
         if any(s.um_per_px is None for s in pending):
             connect_ray(address)
             pending, uncalibrated = calibrate_pending(
@@ -211,15 +205,9 @@ def run(
             )
             for failure in uncalibrated:
                 store.record_failure(failure, run_id, f"slide-{failure.slide_id}")
-                failed.append(
-                    {
-                        "slide_id": failure.slide_id,
-                        "status": "failed",
-                        "message": f"{failure.stage}: {failure.message}",
-                    }
-                )
+                failed.append(failure_row(failure))
         if on_start:
-            on_start(len(pending), len(catalog.slides) - len(pending))
+            on_start(len(pending), skipped)
         objects = 0
         if pending:
             connect_ray(address)
@@ -276,7 +264,7 @@ def run(
         return RunSummary(
             run_id,
             len(catalog.slides) + len(catalog.rejected),
-            len(done & {s.slide_id for s in catalog.slides}),
+            skipped,
             len(pending),
             failed,
             objects,

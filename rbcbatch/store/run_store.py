@@ -43,6 +43,7 @@ from rbcbatch.store.masks import (
     label_group_path,
     labels_attrs,
     mask_level_shapes,
+    overview_level_shapes,
     overview_pyramid,
 )
 from rbcbatch.store.schema import FAILURE_FIELDS, MANIFEST_FIELDS, cells_schema
@@ -201,17 +202,22 @@ class RunStore:
             self.mask_url(slide_id), mode="w", storage_options=self._zarr_options()
         )
         shapes = mask_level_shapes(shape)
-        for index, level in enumerate(overview_pyramid(overview, shape, len(shapes))):
-            array = group.create_array(
+        overview_arrays = [
+            group.create_array(
                 str(index),
-                shape=level.shape,
+                shape=(3, h, w),
                 dtype="uint8",
-                chunks=(3, min(MASK_CHUNK, level.shape[1]), min(MASK_CHUNK, level.shape[2])),
+                chunks=(3, min(MASK_CHUNK, h), min(MASK_CHUNK, w)),
                 fill_value=0,
                 dimension_names=["c", "y", "x"],
                 config={"write_empty_chunks": False},
             )
-            if not self.deidentified:
+            for index, (h, w) in enumerate(overview_level_shapes(shape, len(shapes)))
+        ]
+        if not self.deidentified:  # the pixels are computed only where they are written
+            for array, level in zip(
+                overview_arrays, overview_pyramid(overview, shape, len(shapes)), strict=True
+            ):
                 array[...] = level
         group.attrs.update(image_attrs(slide_id, um_per_px, len(shapes)))
         group.create_group("labels", attributes=labels_attrs())
@@ -264,13 +270,8 @@ class RunStore:
         self._move_into_place(tmp, path)
 
     def write_cells(self, cohort: str, patient_id: str, slide_id: str, table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        path = self.cells_path(cohort, patient_id, slide_id)
-        tmp = self._cells_tmp(path)
-        self.fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(tmp, buffer.getvalue())
-        self._move_into_place(tmp, path)
+        with self.cells_writer(cohort, patient_id, slide_id) as writer:
+            writer.write_table(table)
 
     def _move_into_place(self, tmp: str, path: str) -> None:
         """A rename on local disks; on object stores a copy, which appears whole or not at all."""

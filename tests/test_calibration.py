@@ -12,6 +12,7 @@ import pytest
 
 from rbcbatch.engine.calibration import (
     GROUP_MAX_REL_WIDTH,
+    SlideCells,
     calibrate_groups,
     estimate_group,
 )
@@ -23,6 +24,10 @@ from tests.conftest import catalog_rows, write_catalog
 def diameters(rng, n: int, px: float, sd: float = 0.08) -> np.ndarray:
     """n isolated-cell diameters (px) around `px`, with the 8% spread of real red cells."""
     return rng.normal(px, sd * px, n)
+
+
+def cells(rng, n: int, px: float, shape=(480, 640)) -> SlideCells:
+    return SlideCells(diameters(rng, n, px), shape)
 
 
 def spec(slide_id: str, site: str = "a", scanner: str = "s1", um: float | None = None):
@@ -48,6 +53,35 @@ def test_slides_of_two_magnifications_under_one_group_are_refused():
     assert few.um_per_px is None and "95% interval" in few.problem
 
 
+def test_two_magnifications_of_two_image_sizes_are_estimated_per_size():
+    """Chula's 640- and 1280-px images under one site and scanner: 2x apart, both right."""
+    rng = np.random.default_rng(4)
+    small, large = (480, 640), (960, 1280)
+    found = {f"s{i}": cells(rng, 60, 38.0, small) for i in range(3)}
+    found |= {f"l{i}": cells(rng, 60, 76.0, large) for i in range(3)}
+    ready, failures, estimates = calibrate_groups([spec(k) for k in found], found)
+    assert failures == [] and len(estimates) == 2
+    by_id = {s.slide_id: s.um_per_px for s in ready}
+    assert by_id["s0"] == pytest.approx(RBC_DIAMETER_UM / 38.0, rel=0.03)
+    assert by_id["l0"] == pytest.approx(by_id["s0"] / 2, rel=0.03)
+    assert {e.image_size for e in estimates} == {small, large}
+    assert "images 1280x960 px" in next(e.name for e in estimates if e.image_size == large)
+    # One image size with two magnifications stays a failure naming the group.
+    same = {k: SlideCells(v.diameters, small) for k, v in found.items()}
+    _, failures, _ = calibrate_groups([spec(k) for k in same], same)
+    assert len(failures) == 6 and "magnifications" in failures[0].message
+
+
+def test_a_resumed_run_keeps_the_estimate_committed_for_its_group_and_size():
+    rng = np.random.default_rng(5)
+    found = {"a": cells(rng, 80, 30.0), "b": cells(rng, 80, 30.0, (960, 1280))}
+    earlier = {("a", "s1", (480, 640)): (0.2468, 321)}
+    ready, _, _ = calibrate_groups([spec("a"), spec("b")], found, earlier)
+    by_id = {s.slide_id: s for s in ready}
+    assert (by_id["a"].um_per_px, by_id["a"].calibration_cells) == (0.2468, 321)
+    assert by_id["b"].um_per_px == pytest.approx(RBC_DIAMETER_UM / 30.0, rel=0.03)
+
+
 def test_a_sparse_slide_is_carried_by_its_group_and_a_sparse_group_fails_by_name():
     rng = np.random.default_rng(2)
     specs = [
@@ -59,11 +93,11 @@ def test_a_sparse_slide_is_carried_by_its_group_and_a_sparse_group_fails_by_name
         spec("unreadable"),
     ]
     found = {
-        "dense1": diameters(rng, 80, 30.0),
-        "dense2": diameters(rng, 80, 30.0),
-        "sparse": diameters(rng, 4, 30.0),
-        "given": diameters(rng, 80, 10.0),
-        "lonely": diameters(rng, 5, 30.0),
+        "dense1": cells(rng, 80, 30.0),
+        "dense2": cells(rng, 80, 30.0),
+        "sparse": cells(rng, 4, 30.0, shape=(90, 120)),  # a corner of a field
+        "given": cells(rng, 80, 10.0),
+        "lonely": cells(rng, 5, 30.0),
         "unreadable": None,
     }
     ready, failures, estimates = calibrate_groups(specs, found)

@@ -1,11 +1,15 @@
-"""Cell crops for a classifier: squares of fixed µm around each cell, resized to the model's input."""
+"""Cell crops for a classifier: squares of fixed µm around each cell, resized to the model's
+input, and the same stain-normalised against the cell's own slide."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import cv2
 import numpy as np
+
+from rbcbatch.imaging.density import apply_lut, slide_stain, stain_lut
 
 
 def cell_crops(
@@ -43,3 +47,28 @@ def cell_crops(
             crop if side == out_px else cv2.resize(crop, (out_px, out_px), interpolation=interp)
         )
     return out
+
+
+# Stain-normalised crops: the learned classifier sees each cell's colour against its own slide.
+# Each slide's median red-cell OD per channel is mapped to STAIN_TARGET_OD (the median of the
+# Chula RBC-12 training images), on white glass, so that a paler or bluer stain, or another
+# lamp, moves the reference with the cells; a spherocyte stays denser than its slide's
+# discocytes. Scale stays absolute (µm, from the catalog or the site's estimate): microcytes
+# and macrocytes are absolute, and the estimate already draws a site's median cell at 7.5 µm.
+STAIN_TARGET_OD = (0.15, 0.35, 0.24)
+
+
+def slide_crops(
+    image: np.ndarray,
+    points: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    um_per_px: float,
+    crop_um: float = 14.0,
+    out_px: int = 64,
+) -> np.ndarray:
+    """Crops at `points` (N, 2+) stain-normalised against the slide's own objects (`columns`:
+    the slide's measure columns, mean_r/g/b): uint8 (N, out_px, out_px, 3)."""
+    crops = cell_crops(image, points, um_per_px, crop_um, out_px)
+    cell_rgb = np.stack([columns["mean_r"], columns["mean_g"], columns["mean_b"]], axis=1)
+    glass, cell_od = slide_stain(image, cell_rgb)
+    return apply_lut(crops, stain_lut(glass, cell_od, STAIN_TARGET_OD))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from rbcbatch.classify.calls import CellCalls
-from rbcbatch.classify.crops import cell_crops
+from rbcbatch.classify.crops import cell_crops, slide_crops
 
 
 class ResNetClassifier:
@@ -26,6 +26,7 @@ class ResNetClassifier:
         self.model, self.card = load_model(weights, device=device)
         self.classes = tuple(self.card.classes)
         self.crop_um = float(self.card.um_per_px * self.card.input_px)
+        self.input = card_input(self.card)
 
     def config(self) -> dict:
         return {
@@ -35,6 +36,7 @@ class ResNetClassifier:
             "classes": list(self.classes),
             "crop_um": self.crop_um,
             "input_px": self.card.input_px,
+            "input": self.input,
         }
 
     def __call__(
@@ -49,10 +51,11 @@ class ResNetClassifier:
                 np.zeros((0, 0), np.float16),
             )
         points = np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
-        crops = cell_crops(
-            image, points, um_per_px, crop_um=self.crop_um, out_px=self.card.input_px
+        cut = slide_crops if self.input["stain"] == "slide" else _absolute_crops
+        crops = cut(image, points, columns, um_per_px, self.crop_um, self.card.input_px)
+        probs, embedding = predict_crops(
+            self.model, crops, standardise=fixed_standardisation(self.input)
         )
-        probs, embedding = predict_crops(self.model, crops)
         best = probs.argmax(axis=1)
         return CellCalls(
             classes=np.asarray(self.classes, dtype=object)[best],
@@ -60,6 +63,29 @@ class ResNetClassifier:
             probabilities=probs.astype(np.float32),
             embedding=embedding.astype(np.float16),
         )
+
+
+def _absolute_crops(image, points, columns, um_per_px, crop_um, out_px):
+    """Crops as the first weights were trained on: µm-scaled, colours as scanned."""
+    return cell_crops(image, points, um_per_px, crop_um, out_px)
+
+
+# What the first shipped weights expect (cards without an "input" entry): colours as scanned,
+# each crop standardised on its own.
+LEGACY_INPUT = {"stain": "none", "standardise": "crop"}
+
+
+def card_input(card) -> dict:
+    """How a card's crops are cut and normalised: {"stain": "slide"|"none", "standardise":
+    "crop"|"fixed", and for "fixed" the per-channel "mean" and "sd" of its training crops}."""
+    return dict(card.training.get("input", LEGACY_INPUT))
+
+
+def fixed_standardisation(spec: dict) -> tuple[list[float], list[float]] | None:
+    """(mean, sd) per channel for fixed standardisation, or None for per-crop."""
+    if spec.get("standardise") == "fixed":
+        return list(spec["mean"]), list(spec["sd"])
+    return None
 
 
 def _default_device() -> str:
@@ -80,12 +106,21 @@ def crops_to_tensor(crops: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def normalise_crops(x):
-    """Per-crop, per-channel standardisation of float N×3×H×W in [0, 1] (same shape, float32).
+def normalise_crops(x, fixed: tuple | None = None):
+    """Per-channel standardisation of float N×3×H×W in [0, 1] (same shape, float32).
 
-    Removes stain strength and illumination differences between sites; shapes (pallor, rim,
-    outline) survive because the transform is affine per channel.
+    ``fixed`` None: each crop on its own, which removes stain strength and illumination
+    differences between sites (the first weights); shapes survive because the transform is
+    affine per channel, but a cell's density against its neighbours is lost. ``fixed`` (mean,
+    sd) per channel: one transform for all crops, for crops already stain-normalised against
+    their slide (`slide_crops`), so a spherocyte stays denser than its slide's discocytes.
     """
+    if fixed is not None:
+        import torch
+
+        mean = torch.tensor(fixed[0], dtype=x.dtype).reshape(1, 3, 1, 1)
+        sd = torch.tensor(fixed[1], dtype=x.dtype).reshape(1, 3, 1, 1)
+        return (x - mean) / sd
     mean = x.mean(dim=(2, 3), keepdim=True)
     sd = x.std(dim=(2, 3), keepdim=True).clamp_min(NORM_MIN_SD)
     return (x - mean) / sd
@@ -97,11 +132,18 @@ def _dihedral(x, k: int):
     return x.rot90(k % 4, dims=(2, 3))
 
 
-def predict_crops(model, crops_uint8: np.ndarray, batch_size: int = 256, tta: bool = False):
+def predict_crops(
+    model,
+    crops_uint8: np.ndarray,
+    batch_size: int = 256,
+    tta: bool = False,
+    standardise: tuple | None = None,
+):
     """Class probabilities and embeddings of cell crops, batched under inference mode.
 
     crops_uint8: uint8 N×H×W×3 RGB, cut with ``cell_crops`` at the card's µm/px and input_px.
-    ``tta`` averages probabilities and embeddings over the 8 rotations/flips (8x the time).
+    ``tta`` averages probabilities and embeddings over the 8 rotations/flips (8x the time);
+    ``standardise`` is `normalise_crops`'s ``fixed`` (the card's `fixed_standardisation`).
     Returns (probs float32 N×C summing to 1, embedding float32 N×D).
     """
     import torch
@@ -114,7 +156,8 @@ def predict_crops(model, crops_uint8: np.ndarray, batch_size: int = 256, tta: bo
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(crops_uint8), batch_size):
-            x = normalise_crops(crops_to_tensor(crops_uint8[start : start + batch_size]))
+            batch = crops_to_tensor(crops_uint8[start : start + batch_size])
+            x = normalise_crops(batch, standardise)
             x = x.to(device)
             p, e = 0.0, 0.0
             for k in views:

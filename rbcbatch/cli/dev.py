@@ -95,8 +95,9 @@ def evaluate(
         False,
         "--real",
         help="Instead: run the whole pipeline on the real held-out smears (AneRBC 004-006, the "
-        "PBC held-back split) and report per data set the red cells called normal and "
-        "spherocyte, and the HS and anemia flags.",
+        "PBC held-back split, the Chula RBC-12 and BCCD test splits) and report per data set "
+        "the red cells called normal and spherocyte, the HS and anemia flags, and a table of "
+        "what its truth scores (points, boxes, labels, pixel size) beside a baseline.",
     ),
     out: Path = typer.Option(
         Path("eval_real"), help="With --real: folder for the catalogs and runs (kept to query)."
@@ -173,21 +174,27 @@ def train(
     minutes: float = typer.Option(
         None, help="Wall-time budget; training stops at the best checkpoint so far."
     ),
-    epochs: int = typer.Option(20, help="Classifier: epochs."),
+    epochs: int = typer.Option(None, help="Classifier: epochs (default: the shipped run's)."),
     steps: int = typer.Option(1000, help="Segmenter: optimiser steps."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Classifier: go on from the checkpoint of an interrupted run (.cache/train/).",
+    ),
 ) -> None:
     """Reproduce the shipped weights: train a model and write its weights and model card.
 
     Reads the real data from ../shared/data (or $RBCBATCH_SHARED_DATA); CPU works, a GPU is faster.
     """
     if what == "classifier":
-        from rbcbatch.dev.train_classifier import SHIPPED_WEIGHTS, train_classifier
+        from rbcbatch.dev.train_classifier import EPOCHS, SHIPPED_WEIGHTS, train_classifier
 
         card = train_classifier(
             out=out or SHIPPED_WEIGHTS,
-            epochs=epochs,
+            epochs=epochs or EPOCHS,
             seed=seed,
             time_limit_s=minutes * 60 if minutes else None,
+            resume=resume,
         )
     elif what == "segmenter":
         from dataclasses import replace
@@ -207,7 +214,10 @@ def train(
 
 
 def _evaluate_real(segmenter: str, classifier: str, data: Path | None, out: Path) -> None:
-    """`evaluate --real`: the screening's calls on real smears it was not tuned on."""
+    """`evaluate --real`: the screening's calls on real smears it was not tuned on, and one
+    table per data set of what its own truth can score (points, boxes, labels, pixel size)."""
+    import pyarrow as pa
+
     from rbcbatch.analytics import query
     from rbcbatch.dev.datasets import shared_data_dir
     from rbcbatch.dev.evaluate_real import (
@@ -215,16 +225,20 @@ def _evaluate_real(segmenter: str, classifier: str, data: Path | None, out: Path
         PER_INDIVIDUAL_SQL,
         SHARES_SQL,
         real_catalogs,
+        score_tables,
     )
 
+    started = time.perf_counter()
     data = data or shared_data_dir()
     catalogs = real_catalogs(data, out)
     if not catalogs:
-        _fail(f"no real data set (anerbc_sample/, pbc_subset/) under {data}")
+        _fail(f"no real data set (anerbc_sample/, pbc_subset/, chula_rbc12/, bccd/) under {data}")
+    runs: dict[str, Path] = {}
     for name, catalog in catalogs.items():
         run_dir = out / f"{name}-{segmenter}-{classifier}"
         console.print(f"[bold]{name}[/bold]: {catalog} → {run_dir}")
         summary = run_catalog(str(catalog), str(run_dir), segmenter, classifier, None, None, True)
+        runs[name] = run_dir
         if summary.n_failed:
             console.print(
                 f"[yellow]{summary.n_failed} slide(s) failed[/yellow]: {run_dir}/failures.parquet"
@@ -234,3 +248,6 @@ def _evaluate_real(segmenter: str, classifier: str, data: Path | None, out: Path
         _print_table(query(str(run_dir), FLAGS_SQL), f"{title}: flags by label")
         if name.startswith("anerbc"):
             _print_table(query(str(run_dir), PER_INDIVIDUAL_SQL), f"{title}: per individual")
+    for title, rows in score_tables(data, runs, catalogs, f"{segmenter} + {classifier}"):
+        _print_table(pa.Table.from_pylist(rows), title)
+    out_console.print(f"evaluate --real finished in {time.perf_counter() - started:.0f} s")

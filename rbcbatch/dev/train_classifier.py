@@ -1,14 +1,18 @@
 """Training and evaluation of the learned red-cell morphology classifier (``resnet_cells``).
 
-Data: Chula RBC-12 point labels cut into crops of a fixed size in µm (``cell_crops``), split by
-image-MD5 group (``chula_split``, seed 0) so that duplicated images never straddle splits, plus
-synthetic crops from ``rbcbatch.dev.synth`` at both sites for the training split only. Val picks the
-epoch (macro-F1); test is only ever scored, never trained or selected on.
+Data (``dev.classifier_data``): Chula RBC-12 point labels, split by image-MD5 group
+(``chula_split``, seed 0) so that duplicated images never straddle splits; normal controls from
+two other laboratories (PBC healthy donors' training split, AneRBC-I healthy 001-003); and
+synthetic crops for the training split only. Every crop is cut as the pipeline cuts it: the
+image segmented and measured by the default stages, crops of fixed µm stain-normalised against
+the image's own red cells (``classify.crops.slide_crops``). Val (Chula) picks the epoch
+(macro-F1); test is only ever scored, never trained or selected on.
 
-Generalisation across sites and stains comes from per-crop normalisation (each channel to zero
-mean and unit variance) and augmentation: stain jitter in optical-density space, gamma,
-brightness and contrast, blur, noise, free rotation, flips and ±10% scale. Cells are rotation
-invariant, so rotations never change a label.
+Generalisation to other sites comes from the per-slide stain normalisation, from the controls of
+other laboratories, and from augmentation: residual stain jitter in optical-density space, gamma,
+brightness and contrast, blur, noise, JPEG re-compression, free rotation, flips and ±15% scale.
+Crops are standardised with fixed per-channel constants (not per crop), so a cell's density
+against its slide survives. A run checkpoints after every epoch and resumes from there.
 
 Heavy imports (torch, torchvision, matplotlib) stay inside functions: importing this module
 is cheap.
@@ -29,17 +33,29 @@ from typing import Any
 
 import numpy as np
 
-from rbcbatch.classify.crops import cell_crops
-from rbcbatch.classify.resnet import crops_to_tensor, normalise_crops, predict_crops
+from rbcbatch.classify.crops import cell_crops, slide_crops
+from rbcbatch.classify.resnet import (
+    card_input,
+    crops_to_tensor,
+    fixed_standardisation,
+    normalise_crops,
+    predict_crops,
+)
+from rbcbatch.dev.classifier_data import (
+    chula_slide_arrays,
+    control_arrays,
+    measure_image,
+    synthetic_slide_arrays,
+)
 from rbcbatch.dev.datasets import (
     CHULA_CLASSES,
     CHULA_UM_PER_PX,
     REPO,
-    build_chula_arrays,
     chula_records,
     chula_split,
     shared_data_dir,
 )
+from rbcbatch.engine.config import Models, RunConfig
 from rbcbatch.io.sources import read_slide
 from rbcbatch.models import (
     WEIGHTS_DIR,
@@ -55,7 +71,6 @@ __all__ = [
     "evaluate_classifier",
     "normalise_crops",
     "predict_crops",
-    "synthetic_crops",
     "train_classifier",
 ]
 
@@ -66,6 +81,8 @@ CACHE_DIR = REPO / ".cache"
 # Real data sets live beside the repository (same rule as tests/conftest.py).
 SHARED_DATA = shared_data_dir()
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "resnet_cells.safetensors"
+# Where a run keeps its after-every-epoch checkpoint (resumed with resume=True).
+CHECKPOINT = CACHE_DIR / "train" / "resnet_cells.ckpt"
 
 # Crop geometry: 14 µm holds a macrocyte with some context (datasets.cell_crops); 64 px of it
 # is 0.219 µm/px, close to Chula's native 0.195 µm/px, so crops lose almost no detail.
@@ -75,19 +92,21 @@ EMBEDDING_DIM = 64  # the pipeline's per-cell embedding width (models._resnet_ce
 SPLIT_SEED = 0  # chula_split seed of the published numbers
 
 
-# Augmentation ranges. Stain: per-channel optical-density scale; the synthetic sites differ by
-# up to ~x1.6 in one channel's RBC OD (synth.SITES site_a vs site_b), so ±30% per channel with a
-# ±15% common strength spans the gap between them (other real stains are not measured). Scale ±10% covers pixel-size estimation error
-# (estimate_um_per_px reads 0.16-0.24 on Chula images around 0.195).
-OD_CHANNEL_SCALE = (0.7, 1.3)
-OD_STRENGTH = (0.85, 1.15)
-OD_BIAS = 0.03  # OD units, ± uniform: background tint
-GAMMA = (0.8, 1.25)
-CONTRAST = (0.8, 1.2)
-BRIGHTNESS = 0.08  # ± uniform, intensities in [0, 1]
-BLUR_P, BLUR_SIGMA_PX = 0.5, (0.3, 1.2)  # camera/focus blur at 64 px per 14 µm
+# Augmentation ranges. Crops are already stain-normalised per slide, so the stain jitter only
+# covers what that leaves (a slide's stain is not one OD scale per channel): ±10% per channel
+# and ±10% in strength, kept below the density gap between a spherocyte and its slide's
+# discocytes, which is the cue. Scale ±15% covers the site's pixel-size estimate (its 95%
+# interval must lie within ±10%) and cell-size variation between people.
+OD_CHANNEL_SCALE = (0.9, 1.1)
+OD_STRENGTH = (0.9, 1.1)
+OD_BIAS = 0.02  # OD units, ± uniform: background tint
+GAMMA = (0.9, 1.1)
+CONTRAST = (0.9, 1.1)
+BRIGHTNESS = 0.04  # ± uniform, intensities in [0, 1]
+BLUR_P, BLUR_SIGMA_PX = 0.5, (0.3, 1.5)  # camera/focus blur at 64 px per 14 µm
 NOISE_P, NOISE_SD = 0.5, 0.02
-SCALE_JITTER = 0.10
+JPEG_P, JPEG_QUALITY = 0.3, (40, 95)  # archives keep smears as JPEG at many qualities
+SCALE_JITTER = 0.15
 SHIFT_PX = 2.0  # ± uniform: annotation clicks sit a few px off the cell centre
 
 # Shipped configuration, chosen by short pilot runs on val macro-F1 under the ~35 min 2-core
@@ -112,11 +131,13 @@ PILOTS: dict[str, Any] = {
     },
     "tta_8_views_val_macro_f1": {"off": 0.6047, "on": 0.6139, "time": "7x"},
 }
-# 28 epochs of ~19.6k crops took 1987 s on the 2-core machine while another job shared it.
-EPOCHS = 28
-# Stop after the epoch that crosses this (seconds of training): keeps a run on a busy 2-core
-# machine under ~35 min wall-clock in all.
-TIME_LIMIT_S = 1950.0
+# 28 epochs of ~19.6k crops took 1987 s on the 2-core machine while another job shared it;
+# this run has ~27k crops an epoch and checkpoints, so it may run longer and resume.
+EPOCHS = 40
+# No limit by default: a run checkpoints every epoch and resumes (resume=True).
+TIME_LIMIT_S: float | None = None
+# Crops for the fixed per-channel standardisation constants (a seeded sample of the training set).
+STANDARDISE_SAMPLE = 4000
 
 # Optimiser defaults (AdamW + OneCycle).
 BATCH = 128
@@ -147,53 +168,35 @@ def default_chula_root() -> Path:
     return SHARED_DATA / "chula_rbc12"
 
 
-def chula_arrays(
-    root: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    crop_um: float = CROP_UM,
-    out_px: int = OUT_PX,
-    seed: int = SPLIT_SEED,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Chula train/val/test crops: split -> (x uint8 N×px×px×3, y int64 N), cached as .npz.
-
-    The cache folder is keyed by crop size and seed so that runs with other settings never
-    read stale arrays.
-    """
-    root = Path(root) if root is not None else default_chula_root()
-    base = Path(cache_dir) if cache_dir is not None else CACHE_DIR / "chula"
-    folder = base / f"seed{seed}_{crop_um:g}um_{out_px}px"
-    if not all((folder / f"{s}.npz").is_file() for s in ("train", "val", "test")):
-        summary = build_chula_arrays(root, folder, seed=seed, crop_um=crop_um, out_px=out_px)
-        log.info("built chula arrays in %s: %s", folder, summary)
-    out = {}
-    for split in ("train", "val", "test"):
-        with np.load(folder / f"{split}.npz") as z:
-            out[split] = (z["x"], z["y"].astype(np.int64))
-    return out
-
-
 def chula_test_crops(
     root: str | Path | None = None,
     crop_um: float = CROP_UM,
     out_px: int = OUT_PX,
     seed: int = SPLIT_SEED,
     limit: int | None = None,
+    stain: str = "slide",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``limit`` (all if None) Chula test crops, straight from the images.
 
-    Same order as ``build_chula_arrays``'s test.npz (groups in split order, points in label
-    order), without touching a cache: x uint8 N×px×px×3, y int64 N.
+    Same order as ``chula_slide_arrays``'s test split (groups in split order, points in label
+    order), without touching a cache: x uint8 N×px×px×3, y int64 N. ``stain`` "slide" cuts
+    them as the pipeline does for current weights (each image segmented and measured, crops
+    stain-normalised against it); "none" as scanned (the first weights).
     """
     root = Path(root) if root is not None else default_chula_root()
     groups = chula_split(chula_records(root), seed=seed)["test"]
-    um_per_px = CHULA_UM_PER_PX
+    models = Models(RunConfig())
     xs, ys, n = [], [], 0
     for g in groups:
         if limit is not None and n >= limit:
             break
         pts = g["points"] if limit is None else g["points"][: limit - n]
         image = read_slide(str(g["image_id"]), g["path"])
-        xs.append(cell_crops(image, pts, um_per_px, crop_um, out_px))
+        if stain == "slide":
+            columns, _ = measure_image(image, CHULA_UM_PER_PX, models)
+            xs.append(slide_crops(image, pts, columns, CHULA_UM_PER_PX, crop_um, out_px))
+        else:
+            xs.append(cell_crops(image, pts, CHULA_UM_PER_PX, crop_um, out_px))
         ys.append(pts[:, 2].astype(np.int64))
         n += len(pts)
     if not xs:
@@ -201,46 +204,26 @@ def chula_test_crops(
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def synthetic_crops(
-    seed: int = SPLIT_SEED,
-    fields_per_case: int = SYNTH_FIELDS_PER_CASE,
-    crop_um: float = CROP_UM,
-    out_px: int = OUT_PX,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crops of fully visible, non-border synthetic red cells: (x uint8 N×px×px×3, y int64 N).
-
-    Fields come from both sites and all conditions, each cropped at its own µm/px. Half of the
-    fields use a patient profile whose cell mix is flat over the synthetic classes, so that
-    rare classes (macrocytes, schistocytes) are not swamped by normal cells. Labels are
-    CHULA_CLASSES ids (the synthetic class names are a subset).
-    """
-    from rbcbatch.dev.synth import CELL_TYPES, CONDITIONS, SITES, patient_profile, render_field
-
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    drawn = [c for c in CELL_TYPES if c in SYNTH_CLASSES]  # classes the generator can draw
-    flat = {c: 1.0 / len(drawn) for c in drawn}
-    for site, site_p in SITES.items():
-        for condition in CONDITIONS:
-            for i in range(fields_per_case):
-                profile = patient_profile(rng, condition)
-                if i % 2:
-                    profile = {**profile, "mix": {**dict.fromkeys(profile["mix"], 0.0), **flat}}
-                fld = render_field(rng, condition, site, *SYNTH_FIELD_HW, profile=profile)
-                cells = [
-                    c
-                    for c in fld.cells
-                    if c["kind"] == "rbc"
-                    and c["cell_class"] in SYNTH_CLASSES
-                    and c["visible_fraction"] >= SYNTH_FULLY_VISIBLE
-                    and not c["touches_border"]
-                ]
-                if not cells:
-                    continue
-                pts = np.asarray([[c["centroid_x"], c["centroid_y"]] for c in cells])
-                xs.append(cell_crops(fld.image, pts, site_p["um_per_px"], crop_um, out_px))
-                ys.append([CHULA_CLASSES.index(c["cell_class"]) for c in cells])
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+def training_sources(
+    crop_um: float,
+    out_px: int,
+    synth_fields_per_case: int,
+    seed: int,
+    progress: Callable,
+    data: Path | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every training source by name -> (x uint8, y int64), Chula val/test apart."""
+    chula = chula_slide_arrays(crop_um, out_px, SPLIT_SEED, progress, data)
+    sources = {
+        "chula_train": chula["train"],
+        "chula_val": chula["val"],
+        "chula_test": chula["test"],
+    }
+    for name, arrays in control_arrays(crop_um, out_px, seed, progress, data).items():
+        sources[f"control_{name}"] = arrays
+    if synth_fields_per_case > 0:
+        sources["synthetic"] = synthetic_slide_arrays(crop_um, out_px, synth_fields_per_case, seed)
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +294,19 @@ def _geometry(x, gen):
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def jpeg_recompress(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random JPEG_P of uint8 N×H×W×3 crops encoded and decoded at a random quality."""
+    import cv2
+
+    out = x.copy()
+    for i in np.flatnonzero(rng.random(len(x)) < JPEG_P):
+        quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+        ok, buf = cv2.imencode(".jpg", x[i][..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            out[i] = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    return out
 
 
 def augment(x, gen):
@@ -388,8 +384,9 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 # ---------------------------------------------------------------------------------------------
 
 
-def _predict_labels(model, x: np.ndarray) -> np.ndarray:
-    return predict_crops(model, x)[0].argmax(axis=1)
+def _predict_labels(model, x: np.ndarray, input_spec: dict) -> np.ndarray:
+    probs, _ = predict_crops(model, x, standardise=fixed_standardisation(input_spec))
+    return probs.argmax(axis=1)
 
 
 def evaluate_classifier(
@@ -400,18 +397,19 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Metrics of a classifier on the Chula test split (or its first ``subset`` crops).
 
-    Crops are cut at the card's geometry (input_px, um_per_px × input_px µm) with the card's
-    split seed. Returns classification_metrics plus the weights path; with ``confusion_png``
-    the confusion matrix is also drawn there.
+    Crops are cut as the card says (input_px, um_per_px × input_px µm, stain normalisation)
+    with the card's split seed. Returns classification_metrics plus the weights path; with
+    ``confusion_png`` the confusion matrix is also drawn there.
     """
     import torch
 
     model, card = load_model(weights)
+    spec = card_input(card)
     crop_um = card.um_per_px * card.input_px
     seed = int(card.training.get("split_seed", SPLIT_SEED))
-    x, y = chula_test_crops(root, crop_um, card.input_px, seed, limit=subset)
+    x, y = chula_test_crops(root, crop_um, card.input_px, seed, limit=subset, stain=spec["stain"])
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    metrics = classification_metrics(y, _predict_labels(model, x), card.classes)
+    metrics = classification_metrics(y, _predict_labels(model, x, spec), card.classes)
     metrics["weights"] = str(weights)
     if confusion_png is not None:
         title = f"{card.name} on Chula test ({metrics['n']} crops)"
@@ -459,7 +457,7 @@ def build_model(num_classes: int, embedding_dim: int = EMBEDDING_DIM, **kwargs: 
     )
 
 
-def _train_epoch(model, opt, sched, loss_fn, x, y, order, gen) -> float:
+def _train_epoch(model, opt, sched, loss_fn, x, y, order, gen, rng, fixed) -> float:
     """One pass over ``order`` (indices into x uint8 / y int64); returns the mean loss."""
     import torch
 
@@ -467,10 +465,9 @@ def _train_epoch(model, opt, sched, loss_fn, x, y, order, gen) -> float:
     total, seen = 0.0, 0
     for start in range(0, len(order) - BATCH + 1, BATCH):  # drop the ragged last batch (BN)
         idx = np.sort(order[start : start + BATCH])
-        xb = normalise_crops(augment(crops_to_tensor(x[idx]), gen))
-        yb = torch.from_numpy(y[idx])
-        logits, _ = model(xb)
-        loss = loss_fn(logits, yb)
+        xb = augment(crops_to_tensor(jpeg_recompress(x[idx], rng)), gen)
+        logits, _ = model(normalise_crops(xb, fixed))
+        loss = loss_fn(logits, torch.from_numpy(y[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -487,8 +484,122 @@ def _half_copy(model):
     return copy.deepcopy(model).half()
 
 
+def channel_statistics(x: np.ndarray, seed: int, n: int = STANDARDISE_SAMPLE) -> dict:
+    """Per-channel mean and SD (intensities in [0, 1]) of a seeded sample of uint8 crops."""
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(len(x), min(n, len(x)), replace=False))].astype(np.float64)
+    sample /= 255.0
+    return {
+        "mean": [round(float(v), 4) for v in sample.mean(axis=(0, 1, 2))],
+        "sd": [round(float(v), 4) for v in sample.std(axis=(0, 1, 2))],
+    }
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, settings: dict) -> dict | None:
+    """The checkpoint at ``path`` if it was written with the same settings; refuses another."""
+    import torch
+
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state["settings"] != settings:
+        raise ValueError(
+            f"checkpoint {path} was written with other settings ({state['settings']}); "
+            "delete it or train with those settings"
+        )
+    return state
+
+
+def fit_classifier(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    input_spec: dict,
+    settings: dict,
+    ckpt_path: Path | None,
+    resume: bool,
+    time_limit_s: float | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The training loop: model (best val macro-F1 epoch), history, best_epoch, trained_s,
+    stopped_early. Saves model, optimiser, schedule and random states to ``ckpt_path`` after
+    every epoch; with ``resume`` goes on from there, so an interrupted run ends with the
+    same weights as one that was never stopped (same settings only)."""
+    import torch
+
+    x_tr, y_tr = train
+    x_val, y_val = val
+    epochs, balance, lr = settings["epochs"], settings["balance"], settings["lr"]
+    n_cls = settings["kwargs"]["num_classes"]
+    fixed = fixed_standardisation(input_spec)
+    seed_everything(settings["seed"])
+    rng = np.random.default_rng(settings["seed"])
+    gen = torch.Generator().manual_seed(settings["seed"])
+    model = build_model(**settings["kwargs"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    steps = epochs * (len(y_tr) // BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    weight = (
+        torch.tensor(class_weights(y_tr, n_cls), dtype=torch.float32) if balance == "loss" else None
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=LABEL_SMOOTHING)
+
+    state = _load_checkpoint(ckpt_path, settings) if resume and ckpt_path is not None else None
+    best = {"f1": -1.0, "epoch": -1, "state": None}
+    history: list[dict] = []
+    trained_s = 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        best, history, trained_s = state["best"], state["history"], state["trained_s"]
+        progress(f"resumed from {ckpt_path} after epoch {len(history)}")
+
+    call_start, stopped_early = time.perf_counter(), False
+    for epoch in range(len(history), epochs):
+        t0 = time.perf_counter()
+        order = _epoch_indices(rng, y_tr, balance, n_cls)
+        loss = _train_epoch(model, opt, sched, loss_fn, x_tr, y_tr, order, gen, rng, fixed)
+        val = classification_metrics(y_val, _predict_labels(model, x_val, input_spec))
+        history.append(
+            {"epoch": epoch + 1, "loss": round(loss, 4), "val_acc": val["accuracy"],
+             "val_macro_f1": val["macro_f1"], "val_spherocyte_recall": val["recall"]["spherocyte"],
+             "seconds": round(time.perf_counter() - t0, 1)}
+        )  # fmt: skip
+        trained_s += time.perf_counter() - t0
+        progress(str(history[-1]))
+        if val["macro_f1"] > best["f1"]:
+            best = {"f1": val["macro_f1"], "epoch": epoch + 1,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}  # fmt: skip
+        if ckpt_path is not None:
+            _save_checkpoint(
+                ckpt_path,
+                {"settings": settings, "model": model.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                 "gen": gen.get_state(), "best": best, "history": history,
+                 "trained_s": trained_s},
+            )  # fmt: skip
+        if time_limit_s is not None and time.perf_counter() - call_start > time_limit_s:
+            stopped_early = epoch + 1 < epochs
+            progress(f"time limit reached after epoch {epoch + 1}")
+            break
+    model.load_state_dict(best["state"])
+    return {"model": model, "history": history, "best_epoch": best["epoch"],
+            "trained_s": trained_s, "stopped_early": stopped_early}  # fmt: skip
+
+
 def train_classifier(
-    root: str | Path | None = None,
+    data: str | Path | None = None,
     out: str | Path = SHIPPED_WEIGHTS,
     epochs: int = EPOCHS,
     out_px: int = OUT_PX,
@@ -501,17 +612,22 @@ def train_classifier(
     threads: int = 2,
     time_limit_s: float | None = TIME_LIMIT_S,
     max_train: int | None = None,
-    cache_dir: str | Path | None = None,
+    checkpoint: str | Path | None = CHECKPOINT,
+    resume: bool = False,
     confusion_png: str | Path | None = CONFUSION_PNG,
     progress: Callable[[str], None] = print,
 ) -> ModelCard:
-    """Train ``resnet_cells`` on Chula train (+ synthetic crops), select on val, score on test.
+    """Train ``resnet_cells`` on Chula train + normal controls (+ synthetic crops), select on
+    Chula val, score on Chula test.
 
-    ``balance``: "sampler" (class-weighted sampling with replacement), "loss" (class-weighted
-    cross-entropy) or "none". ``time_limit_s`` stops training after the epoch that crosses it
-    (the schedule is not shortened, so the run is then not the seeded one: logged and stored in
-    the card). ``max_train`` keeps a random subset of Chula train (pilot runs). Writes weights
-    (float16 safetensors) + card to ``out`` and returns the card.
+    ``data``: the folder of the real data sets (default ../shared/data or
+    $RBCBATCH_SHARED_DATA). ``balance``: "sampler" (class-weighted sampling with replacement), "loss" (class-weighted
+    cross-entropy) or "none". The model, optimiser, schedule and random states are saved to
+    ``checkpoint`` after every epoch; ``resume`` goes on from there (same settings only).
+    ``time_limit_s`` stops after the epoch that crosses it (this call's time; the checkpoint
+    stays, so a later ``resume`` finishes the schedule). ``max_train`` keeps a random subset of
+    the training crops (pilot runs). Writes weights (float16 safetensors) + card to ``out``
+    when the schedule is done or the limit is hit, and returns the card.
     """
     # OpenMP threads that spin while waiting starve a CPU shared with other jobs: 2 threads
     # took 4.0 s per batch with PASSIVE unset vs 0.45 s with it (64 px, width 32, one other
@@ -521,59 +637,53 @@ def train_classifier(
 
     start_wall = time.perf_counter()
     torch.set_num_threads(threads)
-    seed_everything(seed)
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
     n_cls = len(CHULA_CLASSES)
 
-    data = chula_arrays(root, cache_dir, crop_um, out_px, SPLIT_SEED)
-    x_tr, y_tr = data["train"]
+    data = Path(data) if data is not None else None
+    sources = training_sources(crop_um, out_px, synth_fields_per_case, seed, progress, data)
+    train_names = [k for k in sources if k not in ("chula_val", "chula_test")]
+    x_tr = np.concatenate([sources[k][0] for k in train_names])
+    y_tr = np.concatenate([sources[k][1] for k in train_names])
     if max_train is not None and max_train < len(y_tr):
         keep = np.sort(rng.choice(len(y_tr), max_train, replace=False))
         x_tr, y_tr = x_tr[keep], y_tr[keep]
-    n_chula = len(y_tr)
-    x_syn, y_syn = (
-        synthetic_crops(seed, synth_fields_per_case, crop_um, out_px)
-        if synth_fields_per_case > 0
-        else (np.empty((0, out_px, out_px, 3), np.uint8), np.empty(0, np.int64))
-    )
-    x_tr, y_tr = np.concatenate([x_tr, x_syn]), np.concatenate([y_tr, y_syn])
-    x_val, y_val = data["val"]
-    progress(f"train {n_chula} chula + {len(y_syn)} synthetic crops, val {len(y_val)}")
+    x_val, y_val = sources["chula_val"]
+    counts = {k: len(sources[k][1]) for k in sources}
+    progress(f"crops per source {counts}; training on {len(y_tr)}")
+    input_spec = {"stain": "slide", "standardise": "fixed", **channel_statistics(x_tr, seed)}
 
     kwargs = {"num_classes": n_cls, "embedding_dim": EMBEDDING_DIM, **MODEL_KWARGS}
     kwargs.update(model_kwargs or {})
-    model = build_model(**kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    steps = epochs * (len(y_tr) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
-    weight = (
-        torch.tensor(class_weights(y_tr, n_cls), dtype=torch.float32) if balance == "loss" else None
+    settings = {"epochs": epochs, "out_px": out_px, "crop_um": crop_um, "balance": balance,
+                "lr": lr, "seed": seed, "kwargs": kwargs, "n_train": len(y_tr)}  # fmt: skip
+    fit = fit_classifier(
+        (x_tr, y_tr),
+        (x_val, y_val),
+        input_spec,
+        settings,
+        Path(checkpoint) if checkpoint is not None else None,
+        resume,
+        time_limit_s,
+        progress,
     )
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=LABEL_SMOOTHING)
+    model, history, best_epoch = fit["model"], fit["history"], fit["best_epoch"]
 
-    best_f1, best_state, best_epoch, history = -1.0, None, -1, []
-    train_start, stopped_early = time.perf_counter(), False
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        order = _epoch_indices(rng, y_tr, balance, n_cls)
-        loss = _train_epoch(model, opt, sched, loss_fn, x_tr, y_tr, order, gen)
-        val = classification_metrics(y_val, _predict_labels(model, x_val))
-        history.append(
-            {"epoch": epoch + 1, "loss": round(loss, 4), "val_acc": val["accuracy"],
-             "val_macro_f1": val["macro_f1"], "seconds": round(time.perf_counter() - t0, 1)}
-        )  # fmt: skip
-        progress(str(history[-1]))
-        if val["macro_f1"] > best_f1:
-            best_f1, best_epoch = val["macro_f1"], epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if time_limit_s is not None and time.perf_counter() - train_start > time_limit_s:
-            stopped_early = epoch + 1 < epochs
-            progress(f"time limit reached after epoch {epoch + 1}")
-            break
-    train_s = time.perf_counter() - train_start
-    model.load_state_dict(best_state)
-
+    sources_card = {
+        "chula_rbc12": f"train split, {counts['chula_train']} crops ({crop_um:g} µm at {out_px} "
+        f"px, source {CHULA_UM_PER_PX} µm/px)",
+        "controls": {
+            "pbc": f"{counts['control_pbc']} red cells of the PBC training split (every image "
+            "not held back), labelled normal",
+            "anerbc": f"{counts['control_anerbc']} red cells of AneRBC-I healthy 001-003, "
+            "labelled normal",
+            "what": "fully visible red cells with contact_fraction <= 0.3 from the default "
+            "segmenter, at the group's estimated pixel size; weak labels",
+        },
+        "synthetic": f"{counts.get('synthetic', 0)} crops of fully visible non-border RBCs from "
+        f"rbcbatch.dev.synth fields, {synth_fields_per_case} per site x condition (half with "
+        "a flat class mix), each cropped at its site's um/px; training only",
+    }
     card = ModelCard(
         name="resnet_cells",
         task="classifier",
@@ -583,62 +693,60 @@ def train_classifier(
         um_per_px=crop_um / out_px,
         input_px=out_px,
         training={
-            "data": {
-                "chula_rbc12": f"train split, {n_chula} crops ({crop_um:g} µm at {out_px} px, "
-                f"source {CHULA_UM_PER_PX} µm/px)",
-                "synthetic": f"{len(y_syn)} crops of fully visible non-border RBCs from "
-                f"rbcbatch.dev.synth fields, {synth_fields_per_case} per site x condition (half "
-                "with a flat class mix), each cropped at its site's um/px; training only",
-            },
+            "data": sources_card,
+            "input": input_spec,
             "split": "chula_split by image-MD5 group (duplicates never straddle splits), "
-            "fractions 0.7/0.15/0.15; val selects the epoch, test only scored",
+            "fractions 0.7/0.15/0.15; Chula val selects the epoch, test only scored; held out "
+            "of every source: AneRBC-I 004-006 and the PBC held-back split",
             "split_seed": SPLIT_SEED,
             "seed": seed,
             "crop_um": crop_um,
             "epochs": epochs,
             "epochs_run": len(history),
             "best_epoch": best_epoch,
-            "stopped_by_time_limit": stopped_early,
+            "stopped_by_time_limit": fit["stopped_early"],
             "batch": BATCH,
             "optimizer": f"AdamW lr {lr:g} wd {WEIGHT_DECAY:g}, OneCycle pct_start 0.2",
             "loss": f"cross-entropy, label smoothing {LABEL_SMOOTHING:g}",
             "class_balance": f"{balance}, weight ∝ count^-{BALANCE_POWER:g}",
             "augmentation": (
-                f"OD-space stain jitter (channel x{OD_CHANNEL_SCALE}, strength x{OD_STRENGTH}, "
-                f"bias ±{OD_BIAS}), gamma {GAMMA}, contrast {CONTRAST}, brightness "
-                f"±{BRIGHTNESS}, blur p{BLUR_P} sigma {BLUR_SIGMA_PX} px, noise p{NOISE_P} "
-                f"sd<{NOISE_SD}, free rotation, flip, scale ±{SCALE_JITTER:.0%}, shift "
-                f"±{SHIFT_PX:g} px; per-crop per-channel standardisation"
+                f"per-slide stain normalisation (classify.crops.slide_crops), then OD-space "
+                f"stain jitter (channel x{OD_CHANNEL_SCALE}, strength x{OD_STRENGTH}, bias "
+                f"±{OD_BIAS}), gamma {GAMMA}, contrast {CONTRAST}, brightness ±{BRIGHTNESS}, "
+                f"blur p{BLUR_P} sigma {BLUR_SIGMA_PX} px, noise p{NOISE_P} sd<{NOISE_SD}, "
+                f"JPEG p{JPEG_P} quality {JPEG_QUALITY}, free rotation, flip, scale "
+                f"±{SCALE_JITTER:.0%}, shift ±{SHIFT_PX:g} px; fixed per-channel "
+                "standardisation"
             ),
             "pilots": PILOTS,
             "history": history,
-            "train_wall_s": round(train_s, 1),
-            "machine": f"2-core CPU ({platform.machine()}), torch {torch.__version__}, "
-            f"{threads} threads",
+            "train_wall_s": round(fit["trained_s"], 1),
+            "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {threads} threads",
             "weights_dtype": "float16 (loaded as float32)",
         },
     )
     out = Path(out)
     save_model(_half_copy(model), card, out)
-    return _score_and_finalise(out, card, root, confusion_png, start_wall, progress)
+    chula_root = data / "chula_rbc12" if data is not None else None
+    return _score_and_finalise(out, card, sources, chula_root, start_wall, confusion_png, progress)
 
 
 def _score_and_finalise(
     out: Path,
     card: ModelCard,
-    root: str | Path | None,
-    confusion_png: str | Path | None,
+    sources: dict[str, tuple[np.ndarray, np.ndarray]],
+    data_root: Path | None,
     start_wall: float,
+    confusion_png: str | Path | None,
     progress: Callable[[str], None],
 ) -> ModelCard:
-    """Score the saved (float16) weights on val, test and the test subset; rewrite the card."""
+    """Score the saved (float16) weights on Chula val, test and the test subset; rewrite the card."""
     model, _ = load_model(out)
-    crop_um = card.training["crop_um"]
-    data = chula_arrays(root, None, crop_um, card.input_px, SPLIT_SEED)
+    spec = card_input(card)
     metrics: dict[str, Any] = {}
     for split in ("val", "test"):
-        x, y = data[split]
-        m = classification_metrics(y, _predict_labels(model, x))
+        x, y = sources[f"chula_{split}"]
+        m = classification_metrics(y, _predict_labels(model, x, spec))
         metrics[split] = {k: m[k] for k in ("n", "accuracy", "macro_f1", "recall", "f1")}
         if split == "test":
             metrics[split]["confusion"] = m["confusion"]
@@ -647,8 +755,10 @@ def _score_and_finalise(
                 plot_confusion(np.asarray(m["confusion"]), card.classes, Path(confusion_png), title)
         progress(f"{split}: acc {m['accuracy']} macro-F1 {m['macro_f1']} recall {m['recall']}")
     n_sub = 300
-    x_sub, y_sub = chula_test_crops(root, crop_um, card.input_px, SPLIT_SEED, limit=n_sub)
-    sub = classification_metrics(y_sub, _predict_labels(model, x_sub))
+    x_sub, y_sub = chula_test_crops(
+        data_root, card.training["crop_um"], card.input_px, SPLIT_SEED, limit=n_sub
+    )
+    sub = classification_metrics(y_sub, _predict_labels(model, x_sub, spec))
     metrics[f"subset_{n_sub}"] = {
         "what": f"first {n_sub} Chula test crops (chula_test_crops order)",
         "n": sub["n"],

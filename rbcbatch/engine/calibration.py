@@ -6,7 +6,9 @@ white cells), while the group holds hundreds: so the estimate is made once per (
 from every slide of the group whose catalog row gives no `um_per_px`, before any slide is
 processed. A group whose estimate is unstable (its 95% interval wider than GROUP_MAX_REL_WIDTH,
 or slides whose median cells differ as two magnifications would) fails as a whole, naming the
-group, instead of measuring its cells at a guessed scale. Tiled whole-slide images keep their own path: their file's pixel size,
+group, instead of measuring its cells at a guessed scale. A group that mixes magnifications is
+first split by image size (a camera's images at one magnification share their size; a set
+resized 2x does not), and each size is estimated on its own. Tiled whole-slide images keep their own path: their file's pixel size,
 else an estimate from their own windows (thousands of cells).
 """
 
@@ -50,10 +52,22 @@ class GroupEstimate:
     um_per_px: float | None  # None when the group cannot be calibrated (`problem` says why)
     interval: tuple[float, float] | None
     problem: str = ""
+    mixed_magnifications: bool = False  # the problem is slides of two magnifications
+    image_size: tuple[int, int] | None = None  # (height, width) when split by image size
 
     @property
     def name(self) -> str:
-        return f"site {self.site!r}, scanner {self.scanner!r}"
+        size = f", images {self.image_size[1]}x{self.image_size[0]} px" if self.image_size else ""
+        return f"site {self.site!r}, scanner {self.scanner!r}{size}"
+
+
+@dataclass(frozen=True)
+class SlideCells:
+    """What the pixel-size pass keeps of one slide: its isolated cells' diameters (px) and
+    its image size (height, width)."""
+
+    diameters: np.ndarray
+    shape: tuple[int, int]
 
 
 def group_of(spec: SlideSpec) -> tuple[str, str]:
@@ -62,9 +76,10 @@ def group_of(spec: SlideSpec) -> tuple[str, str]:
 
 def slide_diameters(
     spec: SlideSpec, storage_options: dict | None, max_pixels: int, region_min_pixels: int
-) -> np.ndarray | None:
-    """Diameters (px) of a slide's isolated cells, float64 (N,); None for a tiled whole-slide
-    image (calibrated on its own) or a slide that cannot be read (its processing says why)."""
+) -> SlideCells | None:
+    """A slide's isolated cells' diameters (px, float64 (N,)) and image size; None for a tiled
+    whole-slide image (calibrated on its own) or a slide that cannot be read (its processing
+    says why)."""
     try:
         large = open_if_large(spec, storage_options, region_min_pixels)
         if large is not None:
@@ -76,7 +91,7 @@ def slide_diameters(
     diameters = cell_diameters_px(image)
     if len(diameters) > MAX_CELLS_PER_SLIDE:
         diameters = diameters[np.linspace(0, len(diameters) - 1, MAX_CELLS_PER_SLIDE).astype(int)]
-    return diameters
+    return SlideCells(diameters, (int(image.shape[0]), int(image.shape[1])))
 
 
 def estimate_group(
@@ -114,6 +129,7 @@ def estimate_group(
         return replace(
             estimate,
             um_per_px=None,
+            mixed_magnifications=True,
             problem=(
                 f"its slides' median cell diameters differ {max(medians) / min(medians):.1f}x "
                 f"({min(medians):.1f}-{max(medians):.1f} px), more than disease explains: "
@@ -144,31 +160,60 @@ def calibration_failure(spec: SlideSpec, estimate: GroupEstimate) -> Failure:
     )
 
 
+def estimate_sizes(
+    site: str, scanner: str, slides: list[SlideCells]
+) -> dict[tuple[int, int] | None, GroupEstimate]:
+    """A group's estimate, keyed None; or, where its slides mix magnifications and differ in
+    image size, one estimate per image size, keyed by (height, width)."""
+    whole = estimate_group(site, scanner, [s.diameters for s in slides])
+    sizes = {s.shape for s in slides}
+    if not whole.mixed_magnifications or len(sizes) < 2:
+        return {None: whole}
+    return {
+        size: replace(
+            estimate_group(site, scanner, [s.diameters for s in slides if s.shape == size]),
+            image_size=size,
+        )
+        for size in sorted(sizes)
+    }
+
+
 def calibrate_groups(
-    specs: list[SlideSpec], diameters: dict[str, np.ndarray | None]
+    specs: list[SlideSpec],
+    found: dict[str, SlideCells | None],
+    earlier: dict[tuple, tuple[float, int]] | None = None,
 ) -> tuple[list[SlideSpec], list[Failure], list[GroupEstimate]]:
     """Specs with their group's pixel size filled in, failures of slides whose group cannot be
-    calibrated, and every group's estimate. `diameters`: slide_id -> slide_diameters(...)."""
-    groups: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+    calibrated, and every group's estimate. `found`: slide_id -> slide_diameters(...);
+    `earlier`: (site, scanner, (height, width)) -> (µm/px, cells) committed by an earlier run
+    of this run folder, which those slides keep."""
+    earlier = earlier or {}
+    groups: dict[tuple[str, str], list[SlideCells]] = defaultdict(list)
     for spec in specs:
-        found = diameters.get(spec.slide_id)
-        if spec.um_per_px is None and found is not None:
-            groups[group_of(spec)].append(found)
-    estimates = {key: estimate_group(*key, slides) for key, slides in sorted(groups.items())}
+        cells = found.get(spec.slide_id)
+        if spec.um_per_px is None and cells is not None:
+            groups[group_of(spec)].append(cells)
+    estimates = {key: estimate_sizes(*key, slides) for key, slides in sorted(groups.items())}
     ready, failed = [], []
     for spec in specs:
-        estimate = estimates.get(group_of(spec))
-        if spec.um_per_px is not None or diameters.get(spec.slide_id) is None or not estimate:
+        cells = found.get(spec.slide_id)
+        by_size = estimates.get(group_of(spec), {})
+        estimate = by_size.get(None) or (by_size.get(cells.shape) if cells else None)
+        if spec.um_per_px is not None or cells is None or not estimate:
             ready.append(spec)  # calibrated already, on its own path, or unreadable
-        elif estimate.um_per_px is None:
+            continue
+        um_per_px, n_cells = earlier.get((*group_of(spec), cells.shape), (None, 0))
+        if um_per_px is None and estimate.um_per_px is None:
             failed.append(calibration_failure(spec, estimate))
-        else:
-            ready.append(
-                replace(
-                    spec,
-                    um_per_px=round(estimate.um_per_px, 4),
-                    um_per_px_source="estimated",
-                    calibration_cells=estimate.n_cells,
-                )
+            continue
+        if um_per_px is None:
+            um_per_px, n_cells = round(estimate.um_per_px, 4), estimate.n_cells
+        ready.append(
+            replace(
+                spec,
+                um_per_px=um_per_px,
+                um_per_px_source="estimated",
+                calibration_cells=n_cells,
             )
-    return ready, failed, list(estimates.values())
+        )
+    return ready, failed, [e for by_size in estimates.values() for e in by_size.values()]

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from rbcbatch.engine.calibration import calibrate_groups, group_of, slide_diameters
+from rbcbatch.engine.calibration import calibrate_groups, slide_diameters
 from rbcbatch.engine.config import Models, RunConfig, stable_hash
 from rbcbatch.engine.processor import SlideProcessor, failure_row
 from rbcbatch.errors import Failure, RbcbatchError, RunStalledError
@@ -76,6 +76,19 @@ def stalled_message(timeout_s: float, pending: list[str], finished: set[str]) ->
     )
 
 
+def earlier_estimates(records: list[dict]) -> dict[tuple, tuple[float, int]]:
+    """(site, scanner, (height, width)) -> (µm/px, cells) of the slides an earlier run
+    committed with an estimated pixel size."""
+    return {
+        (r.get("site") or "", r.get("scanner") or "", (int(r["height"]), int(r["width"]))): (
+            r["um_per_px"],
+            int(r.get("calibration_cells") or 0),
+        )
+        for r in records
+        if r.get("um_per_px_source") == "estimated" and r.get("height") and r.get("width")
+    }
+
+
 def calibrate_pending(
     pending: list[SlideSpec],
     store: RunStore,
@@ -84,28 +97,15 @@ def calibrate_pending(
     stall_timeout_s: float | None,
 ) -> tuple[list[SlideSpec], list[Failure]]:
     """Fill in the pixel size of slides the catalog gives none, per site and scanner
-    (engine.calibration): a group some of whose slides an earlier run committed with an estimate
-    keeps that estimate, so a resumed run measures the group at one scale; the others are
-    estimated from their slides' isolated cells, read by Ray tasks. Returns the specs to process
-    and the failures of slides whose group cannot be calibrated."""
+    (engine.calibration), from their slides' isolated cells, read by Ray tasks. A slide whose
+    group and image size an earlier run committed with an estimate keeps that estimate, so a
+    resumed run measures a group at one scale. Returns the specs to process and the failures of
+    slides whose group cannot be calibrated."""
     import ray
 
-    earlier: dict[tuple[str, str], tuple[float, int]] = {}
-    for record in store.read_records("_slides"):
-        if record.get("um_per_px_source") == "estimated":
-            key = (record.get("site") or "", record.get("scanner") or "")
-            earlier[key] = (record["um_per_px"], int(record.get("calibration_cells") or 0))
-    kept = []
-    for spec in pending:
-        if spec.um_per_px is None and group_of(spec) in earlier:
-            um_per_px, cells = earlier[group_of(spec)]
-            spec = replace(
-                spec, um_per_px=um_per_px, um_per_px_source="estimated", calibration_cells=cells
-            )
-        kept.append(spec)
-    todo = [s for s in kept if s.um_per_px is None]
+    todo = [s for s in pending if s.um_per_px is None]
     if not todo:
-        return kept, []
+        return pending, []
     task = ray.remote(num_cpus=1)(slide_diameters)
     refs = [
         task.remote(s, storage_options, config.max_pixels, config.region_min_pixels) for s in todo
@@ -119,8 +119,9 @@ def calibrate_pending(
             f"not finish in {stall_timeout_s:g} s: the cluster may lack CPUs for it. Give "
             "um_per_px in the catalog, or raise the stall timeout."
         ) from e
-    diameters = {s.slide_id: d for s, d in zip(todo, found, strict=True)}
-    ready, failures, _ = calibrate_groups(kept, diameters)
+    cells = {s.slide_id: d for s, d in zip(todo, found, strict=True)}
+    earlier = earlier_estimates(store.read_records("_slides"))
+    ready, failures, _ = calibrate_groups(pending, cells, earlier)
     return ready, failures
 
 

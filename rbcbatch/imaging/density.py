@@ -50,3 +50,57 @@ def mean_optical_density(image: np.ndarray, background) -> np.ndarray:
     lut = mean_od_lut(background)
     od = lut[0][image[..., 0]] + lut[1][image[..., 1]] + lut[2][image[..., 2]]
     return od.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stain normalisation per slide
+# ---------------------------------------------------------------------------------------------
+
+# Glass is the brightest part of a smear: its colour is the median of the pixels brighter than
+# the GLASS_QUANTILE quantile (every STAIN_SAMPLE_STEP-th row and column). AneRBC's densest
+# fields cover ~60% of the image with cells, so the top quarter is still glass; a higher
+# quantile picks the brightest glass, and the typical glass then keeps a tint.
+GLASS_QUANTILE = 0.75
+STAIN_SAMPLE_STEP = 4
+# A floor on a channel's cell OD so that a faint or blank image does not divide by ~0.
+MIN_CELL_OD = 0.02
+
+
+def slide_stain(image: np.ndarray, cell_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(glass RGB (3,), median red-cell OD per channel (3,)), float32.
+
+    image: uint8 (H, W, 3); cell_rgb: (N, 3) mean colour of each segmented object. The median
+    over objects is the red cells' even where a dark white-cell nucleus fills much of a field
+    (a pixel threshold there splits nucleus from everything else). Two slides of one stain and
+    camera give nearly the same pair; a paler stain or another lamp moves both, and
+    `stain_lut` maps them back to a common reference.
+    """
+    px = np.asarray(image)[::STAIN_SAMPLE_STEP, ::STAIN_SAMPLE_STEP].reshape(-1, 3)
+    if len(px) == 0:
+        raise ValueError("slide_stain: empty image")
+    px = px.astype(np.float32)
+    bright = px.sum(axis=1)
+    glass = np.median(px[bright >= np.quantile(bright, GLASS_QUANTILE)], axis=0)
+    cells = np.asarray(cell_rgb, dtype=np.float32).reshape(-1, 3)
+    cells = cells[np.isfinite(cells).all(axis=1)]
+    cell_od = np.median(optical_density(cells, glass), axis=0) if len(cells) else np.zeros(3)
+    return glass.astype(np.float32), np.maximum(cell_od, MIN_CELL_OD).astype(np.float32)
+
+
+def stain_lut(glass, cell_od, target_od) -> np.ndarray:
+    """uint8 (3, 256): per channel, each level's OD against `glass`, scaled so that the slide's
+    cell OD becomes `target_od`, back to an intensity on white (255) glass."""
+    levels = np.arange(256, dtype=np.float32)
+    lut = np.empty((3, 256), np.uint8)
+    for c in range(3):
+        od = optical_density(levels, glass[c]) * (float(target_od[c]) / float(cell_od[c]))
+        lut[c] = np.clip(np.rint(intensity_at(od, 255.0)), 0, 255).astype(np.uint8)
+    return lut
+
+
+def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) through a per-channel (3, 256) lookup table."""
+    out = np.empty_like(image)
+    for c in range(3):
+        out[..., c] = lut[c][image[..., c]]
+    return out

@@ -432,7 +432,7 @@ def training_call(spec: dict) -> tuple[Callable, dict]:
         if "minutes" in spec:
             kwargs["time_limit_s"] = spec["minutes"] * 60
         if "data" in spec:
-            kwargs["root"] = Path(spec["data"]) / "chula_rbc12"
+            kwargs["data"] = Path(spec["data"])
         if "seed" in spec:
             kwargs["seed"] = spec["seed"]
         return train_classifier, kwargs

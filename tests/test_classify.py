@@ -13,13 +13,13 @@ from rbcbatch.measure import measure_cells
 from rbcbatch.vocabulary import MORPHOLOGY_CLASSES, OBJECT_KINDS
 
 # A free-lying normal discocyte as the measures describe it: 7.5 µm, round, central pallor
-# (centre at 0.85 of the rim's density), a few pale pixels, no dense core.
+# (centre at 0.7 of the rim's density), a few pale pixels, no dense core.
 NORMAL = {
     "diameter_um": 7.5,
     "ellipse_fit": 1.0,
     "solidity": 0.98,
     "aspect_ratio": 1.05,
-    "pallor_ratio": 0.85,
+    "pallor_ratio": 0.7,
     "pallor_area_fraction": 0.05,
     "ring_ratio": 1.05,
     "core_ratio": 0.70,
@@ -64,7 +64,9 @@ def test_shared_vocabulary_is_unchanged():
             "spherocyte",
         ),
         ({"aspect_ratio": 2.0}, "elliptocyte"),
-        ({"aspect_ratio": 1.45, "ellipse_fit": 0.97}, "elliptocyte"),
+        ({"aspect_ratio": 1.85, "ellipse_fit": 0.98}, "elliptocyte"),
+        # An oval discocyte: below the elliptocyte bar.
+        ({"aspect_ratio": 1.45, "ellipse_fit": 0.98}, "normal"),
         # Dense spot (core 1.4 x the annulus) inside a pale ring (0.72 x the rim).
         ({"core_ratio": 1.4, "ring_ratio": 0.72, "pallor_ratio": 0.8}, "target"),
         # A 4 µm fragment with a straight cut.
@@ -74,9 +76,11 @@ def test_shared_vocabulary_is_unchanged():
         ),
         # A 5 µm cell with a bite out of it: round outline otherwise, but not convex.
         ({"diameter_um": 5.0, "solidity": 0.8, "ellipse_fit": 0.97}, "schistocyte"),
-        ({"diameter_um": 5.5}, "microcyte"),
+        ({"diameter_um": 4.6, "pallor_ratio": 0.6}, "microcyte"),
         ({"diameter_um": 9.6}, "macrocyte"),
-        ({"pallor_area_fraction": 0.3, "pallor_ratio": 0.45, "ring_ratio": 0.6}, "hypochromic"),
+        ({"pallor_area_fraction": 0.4, "pallor_ratio": 0.45, "ring_ratio": 0.6}, "hypochromic"),
+        # A healthy smear's wide central pallor (PBC's 75th percentile) is not hypochromia.
+        ({"pallor_area_fraction": 0.22, "pallor_ratio": 0.45, "ring_ratio": 0.6}, "normal"),
         ({"diameter_um": 2.0}, "other"),
         ({"diameter_um": np.nan}, "other"),
     ],
@@ -86,11 +90,11 @@ def test_each_rule(row, expected):
 
 
 def test_thresholds_are_strict_where_documented():
-    # < 6 µm is microcytic, 6.0 itself is not; > 9 µm is macrocytic, 9.0 itself is not.
-    assert call({"diameter_um": 5.99}, {"diameter_um": 6.0}) == ["microcyte", "normal"]
-    assert call({"diameter_um": 9.01}, {"diameter_um": 9.0}) == ["macrocyte", "normal"]
-    # Pale area above 0.2 is hypochromic.
-    assert call({"pallor_area_fraction": 0.21}, {"pallor_area_fraction": 0.19}) == [
+    # < 5 µm is microcytic, 5.0 itself is not; > 9.5 µm is macrocytic, 9.5 itself is not.
+    assert call({"diameter_um": 4.99}, {"diameter_um": 5.0}) == ["microcyte", "normal"]
+    assert call({"diameter_um": 9.51}, {"diameter_um": 9.5}) == ["macrocyte", "normal"]
+    # Pale area above 0.36 is hypochromic.
+    assert call({"pallor_area_fraction": 0.37}, {"pallor_area_fraction": 0.35}) == [
         "hypochromic",
         "normal",
     ]
@@ -105,24 +109,24 @@ def test_precedence_between_overlapping_rules():
         # elliptocyte either (not an ellipse), nor spherocyte (not round): its size only.
         {**fragment, "contact_fraction": 0.3},
         # Cut by a neighbour but still nearly round, small without pallor: spherocyte.
-        {**fragment, "contact_fraction": 0.3, "ellipse_fit": 0.92, "aspect_ratio": 1.2},
+        {**fragment, "contact_fraction": 0.3, "ellipse_fit": 0.95, "aspect_ratio": 1.2},
         # Irregular but full-sized: not a fragment.
         {"diameter_um": 7.2, "ellipse_fit": 0.8},
         # Elongated, small and without pallor: shape first, elliptocyte.
-        {"diameter_um": 6.0, "aspect_ratio": 1.8, "pallor_ratio": 1.2},
+        {"diameter_um": 6.0, "aspect_ratio": 1.9, "pallor_ratio": 1.2},
         # A small target cell's dense centre passes the "no pallor" test: target first.
         {"diameter_um": 6.2, "core_ratio": 1.4, "ring_ratio": 0.7, "pallor_ratio": 1.15},
         # A pale ring without a dense core is hypochromia, not a target cell.
-        {"core_ratio": 0.6, "ring_ratio": 0.6, "pallor_area_fraction": 0.3},
+        {"core_ratio": 0.6, "ring_ratio": 0.6, "pallor_area_fraction": 0.4},
         # Small without pallor: spherocyte before microcyte.
-        {"diameter_um": 5.5, "pallor_ratio": 1.2},
+        {"diameter_um": 4.8, "pallor_ratio": 1.2},
         # Small with a wide pallor: hypochromic before microcyte; large ditto before macrocyte.
-        {"diameter_um": 5.5, "pallor_area_fraction": 0.3},
-        {"diameter_um": 9.5, "pallor_area_fraction": 0.3},
+        {"diameter_um": 4.8, "pallor_area_fraction": 0.4},
+        {"diameter_um": 9.8, "pallor_area_fraction": 0.4},
         # Dense but full-sized: not a spherocyte.
         {"diameter_um": 7.5, "pallor_ratio": 1.3},
         # Undefined pallor on a small cell: only the size rule can hold.
-        {"diameter_um": 3.0, "pallor_ratio": np.nan, "pallor_area_fraction": np.nan},
+        {"diameter_um": 4.5, "pallor_ratio": np.nan, "pallor_area_fraction": np.nan},
     ) == [
         "schistocyte",
         "microcyte",
@@ -216,7 +220,7 @@ def test_measured_shapes_are_called_by_the_rules():
     _draw_cell(image, labels, 3, (30, 140), (12, 24), discocyte, angle=0.5)  # 2:1
     _draw_cell(image, labels, 4, (85, 30), (19.5, 19.5), target)  # 7.8 µm
     _draw_cell(image, labels, 5, (85, 80), (25, 25), discocyte)  # 10 µm
-    _draw_cell(image, labels, 6, (85, 130), (13.5, 13.5), discocyte)  # 5.4 µm
+    _draw_cell(image, labels, 6, (85, 130), (11.5, 11.5), discocyte)  # 4.6 µm
     cols = measure_cells(labels, image, 0.2)
     assert list(classify_rules(cols)) == [
         "normal",
@@ -259,16 +263,16 @@ def test_spherocytes_are_called_against_the_slides_own_discocytes():
     # A slide read at too fine a pixel size: its discocytes measure 5.5 µm, not 7.5.
     small = {**NORMAL, "diameter_um": 5.5, "pallor_ratio": 0.7}
     dense = {**NORMAL, "pallor_ratio": 1.05, "pallor_area_fraction": 0.0}
-    # 0.96 x 5.5 = 5.28 µm: a dense 5.0 µm cell is smaller than its neighbours, a 5.4 is not.
-    assert _slide(small, 40, {**dense, "diameter_um": 5.0}, {**dense, "diameter_um": 5.4}) == [
+    # 1.05 x 5.5 = 5.78 µm: a dense 5.6 µm cell is no larger than its neighbours, a 6.0 is.
+    assert _slide(small, 40, {**dense, "diameter_um": 5.6}, {**dense, "diameter_um": 6.0}) == [
         "spherocyte",
-        "microcyte",
+        "normal",
     ]
-    # Too few reference discocytes: the absolute 7.0 µm cut-off decides.
-    assert _slide(small, 10, {**dense, "diameter_um": 5.4}) == ["spherocyte"]
-    # Discocytes with little pallor (median 0.9) raise the bar to 1.15: 1.05 is not dense.
-    faint = {**NORMAL, "diameter_um": 7.5, "pallor_ratio": 0.9}
-    assert _slide(faint, 40, {**dense, "diameter_um": 5.9}) == ["microcyte"]
+    # Too few reference discocytes: the absolute 6.5 µm cut-off decides.
+    assert _slide(small, 10, {**dense, "diameter_um": 6.0}) == ["spherocyte"]
+    # Discocytes with little pallor (median 0.78) raise the bar to 0.88: 0.85 is not dense.
+    faint = {**NORMAL, "diameter_um": 7.5, "pallor_ratio": 0.78}
+    assert _slide(faint, 40, {**dense, "diameter_um": 5.9, "pallor_ratio": 0.85}) == ["normal"]
     assert _slide(faint, 40, {**dense, "diameter_um": 6.0, "pallor_ratio": 1.2}) == ["spherocyte"]
     # Large-looking discocytes never lift the absolute cut-off.
     large = {**NORMAL, "diameter_um": 9.5, "pallor_ratio": 0.7}

@@ -151,7 +151,7 @@ def test_a_training_spec_calls_the_training_function_with_arguments_it_takes(wha
         assert bound["anerbc_root"] == Path("/data/anerbc_sample")
     else:
         assert bound["epochs"] == 4 and bound["time_limit_s"] == 150.0
-        assert bound["root"] == Path("/data/chula_rbc12")
+        assert bound["data"] == Path("/data")
 
 
 # -- the command line ----------------------------------------------------------------------------

@@ -52,15 +52,29 @@ CONTROL_MAX_AREA_RATIO = 1.8
 # At most this many control cells per source (random, seeded): keeps an epoch near the size
 # of the Chula training split, whose normal class is already the largest.
 CONTROL_MAX_CELLS = {"pbc": 4000, "anerbc": 2000}
+# Synthetic crops: fields per (site, condition) of this size; each gives ~70-120 fully visible
+# cells (visible_fraction of an unoccluded cell is 1 up to float rounding). Synthetic "other"
+# objects are debris, not Chula's "uncategorised" cells, and are left out.
+SYNTH_FIELD_HW = (480, 640)
+SYNTH_FULLY_VISIBLE = 0.999
+SYNTH_CLASSES = tuple(c for c in CHULA_CLASSES if c != "other")
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
-def measure_image(image: np.ndarray, um_per_px: float, models: Models) -> tuple[dict, np.ndarray]:
-    """(measure columns, is-red-cell bool (N,)) of one image by the run's default stages."""
+def segment_and_measure(
+    image: np.ndarray, um_per_px: float, models: Models
+) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(labels, measure columns, is-red-cell bool (N,)) of one image by the run's default stages."""
     labels, kinds, stats = segment_slide(image, um_per_px, models)
     columns = measure_cells(labels, image, um_per_px, background_rgb=stats.background_rgb)
     is_rbc = np.array([KIND_NAMES[kinds[int(i)]] == "rbc" for i in columns["cell_id"]], bool)
+    return labels, columns, is_rbc
+
+
+def measure_image(image: np.ndarray, um_per_px: float, models: Models) -> tuple[dict, np.ndarray]:
+    """(measure columns, is-red-cell bool (N,)) of one image by the run's default stages."""
+    _, columns, is_rbc = segment_and_measure(image, um_per_px, models)
     return columns, is_rbc
 
 
@@ -196,8 +210,7 @@ def synthetic_slide_arrays(
     half of the fields with a flat class mix so that rare classes are not swamped."""
     from rbcbatch.dev.synth import CELL_TYPES, CONDITIONS, SITES, patient_profile, render_field
 
-    classes = tuple(c for c in CHULA_CLASSES if c != "other")  # synthetic "other" is debris
-    drawn = [c for c in CELL_TYPES if c in classes]
+    drawn = [c for c in CELL_TYPES if c in SYNTH_CLASSES]
     flat = {c: 1.0 / len(drawn) for c in drawn}
     models = Models(RunConfig())
 
@@ -210,13 +223,13 @@ def synthetic_slide_arrays(
                     profile = patient_profile(rng, condition)
                     if i % 2:
                         profile = {**profile, "mix": {**dict.fromkeys(profile["mix"], 0.0), **flat}}
-                    fld = render_field(rng, condition, site, 480, 640, profile=profile)
+                    fld = render_field(rng, condition, site, *SYNTH_FIELD_HW, profile=profile)
                     cells = [
                         c
                         for c in fld.cells
                         if c["kind"] == "rbc"
-                        and c["cell_class"] in classes
-                        and c["visible_fraction"] >= 0.999
+                        and c["cell_class"] in SYNTH_CLASSES
+                        and c["visible_fraction"] >= SYNTH_FULLY_VISIBLE
                         and not c["touches_border"]
                     ]
                     if not cells:

@@ -150,10 +150,6 @@ BALANCE_POWER = 0.5
 
 # Synthetic crops: fields per (site, condition); each field gives ~70-120 fully visible cells.
 SYNTH_FIELDS_PER_CASE = 8
-SYNTH_FIELD_HW = (480, 640)
-SYNTH_FULLY_VISIBLE = 0.999  # visible_fraction of an unoccluded cell (float rounding)
-# Synthetic "other" objects are not Chula's "uncategorised" cells; leave them out.
-SYNTH_CLASSES = tuple(c for c in CHULA_CLASSES if c != "other")
 
 CONFUSION_PNG = REPO / "bench" / "classifier_confusion.png"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rbcbatch.classify.rules import MorphologyRules, classify_rules
-from rbcbatch.dev.classifier_data import control_paths, group_um_per_px
+from rbcbatch.dev.classifier_data import control_paths, group_um_per_px, segment_and_measure
 from rbcbatch.dev.datasets import (
     CHULA_CLASSES,
     CHULA_UM_PER_PX,
@@ -34,9 +34,7 @@ from rbcbatch.dev.datasets import (
 )
 from rbcbatch.dev.train_classifier import classification_metrics
 from rbcbatch.engine.config import Models, RunConfig
-from rbcbatch.engine.slide import segment_slide
 from rbcbatch.io.sources import read_slide
-from rbcbatch.measure.cells import measure_cells
 from rbcbatch.vocabulary import OBJECT_KINDS
 
 CACHE_DIR = REPO / ".cache" / "rules"
@@ -45,9 +43,8 @@ RBC = OBJECT_KINDS["rbc"]
 
 def _image_cells(image: np.ndarray, um_per_px: float, models: Models):
     """(labels, measure columns with an is_rbc column) of one image."""
-    labels, kinds, stats = segment_slide(image, um_per_px, models)
-    columns = measure_cells(labels, image, um_per_px, background_rgb=stats.background_rgb)
-    columns["is_rbc"] = np.array([kinds[int(i)] == RBC for i in columns["cell_id"]], bool)
+    labels, columns, is_rbc = segment_and_measure(image, um_per_px, models)
+    columns["is_rbc"] = is_rbc
     return labels, columns
 
 

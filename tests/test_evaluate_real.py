@@ -22,6 +22,7 @@ from rbcbatch.dev.evaluate_real import (
     chula_rows,
     chula_rows_scored,
     chula_test_groups,
+    dice_rows,
     flag_rows,
     pbc_rows,
     pbc_split,
@@ -226,6 +227,31 @@ def test_flag_rows_beside_flagging_nobody():
             "0.500 (1/2)",
             "1.000 (2/2)",
         ),
+    }
+
+
+def test_otsu_baseline_fills_the_pallor_of_dark_disks_on_glass():
+    image = np.full((80, 120, 3), 220, np.uint8)
+    yy, xx = np.mgrid[:80, :120]
+    truth = np.zeros((80, 120), bool)
+    for cy, cx in ((20, 25), (50, 70), (30, 100)):
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        truth |= r2 <= 12**2
+        image[r2 <= 12**2] = (150, 90, 110)
+        image[r2 <= 5**2] = 215  # central pallor, nearly as bright as the glass
+    found = rs.otsu_foreground(image)
+    assert np.array_equal(found, truth)
+
+
+def test_dice_rows_put_the_mean_and_lowest_beside_the_baseline():
+    per_image = [
+        {"image": "a", "model": 0.95, "baseline": 0.97},
+        {"image": "b", "model": 0.91, "baseline": 0.88},
+    ]
+    rows = {r["metric"]: (r["model"], r["baseline"]) for r in dice_rows(per_image)}
+    assert rows == {
+        "foreground Dice, mean of 2 images": ("0.930", "0.925"),
+        "foreground Dice, lowest of 2 images": ("0.910", "0.880"),
     }
 
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 SIDE = 40_000
 REGION = 4096  # RunConfig.region_px at 0.25 µm/px, the slide's own pixel size
-PEAK_RSS_BOUND_MB = 1024
+# The decoded slide would be 4.8 GB. The worker's fixed part includes torch and the default
+# learned classifier (measured peak 1,184 MB with it, under 1,024 MB with the rules).
+PEAK_RSS_BOUND_MB = 1280
 # Cells within this many pixels of a patch edge are cut by it: the small image keeps such
 # fragments as edge objects, the slide sees them surrounded by glass (and drops the tiny ones).
 EDGE_PX = 40

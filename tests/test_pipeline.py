@@ -242,8 +242,9 @@ def test_actor_pool_takes_gpus_for_learned_models_only():
     from rbcbatch.engine.run import actor_pool_shape
 
     cluster = {"CPU": 16.0, "GPU": 2.0}
-    assert actor_pool_shape(RunConfig(), cluster, None, 100) == (16, {"num_cpus": 1})
-    learned = RunConfig(classifier="resnet")
+    rules = RunConfig(classifier="rules")
+    assert actor_pool_shape(rules, cluster, None, 100) == (16, {"num_cpus": 1})
+    learned = RunConfig()  # the default classifier is the learned one
     assert actor_pool_shape(learned, cluster, None, 100) == (2, {"num_gpus": 1, "num_cpus": 1})
     assert actor_pool_shape(learned, {"CPU": 2.0}, None, 1) == (1, {"num_cpus": 1})
 

@@ -20,6 +20,7 @@ from rbcbatch.cli.common import (
     out_console,
     run_catalog,
 )
+from rbcbatch.vocabulary import DEFAULT_CLASSIFIER
 
 
 @app.command()
@@ -65,7 +66,14 @@ def demo(
     catalog = synth_cohort(cohort_dir, patients, images_per_patient, seed)
     console.print(f"[bold]2/3[/bold] running the pipeline → {run_dir}")
     summary = run_catalog(
-        str(catalog), str(run_dir), "classical", "rules", workers, None, True, verbose=verbose
+        str(catalog),
+        str(run_dir),
+        "classical",
+        DEFAULT_CLASSIFIER,
+        workers,
+        None,
+        True,
+        verbose=verbose,
     )
     console.print(f"[bold]3/3[/bold] report ({summary.objects} objects in {summary.seconds:.1f} s)")
     from rbcbatch.analytics import query as run_query
@@ -85,7 +93,7 @@ def demo(
 def evaluate(
     segmenter: str = typer.Option("classical", help="Segmenter to score."),
     classifier: str = typer.Option(
-        "rules", help="Morphology classifier to score on synthetic cells."
+        DEFAULT_CLASSIFIER, help="Morphology classifier to score (resnet or rules)."
     ),
     data: Path = typer.Option(
         None, help="Folder holding anerbc_sample/ (default: ../shared/data beside the repository)."

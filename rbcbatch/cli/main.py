@@ -27,6 +27,7 @@ from rbcbatch.cli.common import (
     run_catalog,
 )
 from rbcbatch.errors import RbcbatchError
+from rbcbatch.vocabulary import DEFAULT_CLASSIFIER
 
 
 @app.command("run")
@@ -40,8 +41,9 @@ def run_cmd(
         help="Segmenter: classical (OD threshold + watershed) or unet (learned, shipped weights).",
     ),
     classifier: str = typer.Option(
-        "rules",
-        help="Morphology classifier: rules (measured thresholds) or resnet (learned, shipped weights).",
+        DEFAULT_CLASSIFIER,
+        help="Morphology classifier: resnet (learned, shipped weights; the default) or rules "
+        "(measured thresholds, no network).",
     ),
     workers: int = typer.Option(
         None, help="Actors in the pool (default: one per CPU in the cluster)."

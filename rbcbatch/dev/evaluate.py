@@ -18,6 +18,7 @@ from rbcbatch.engine.slide import segment_slide
 from rbcbatch.evaluation.metrics import best_match, foreground_scores, match_instances
 from rbcbatch.io.sources import read_slide
 from rbcbatch.measure import measure_cells
+from rbcbatch.vocabulary import DEFAULT_CLASSIFIER
 
 # AneRBC states no pixel size. The classical segmenter was tuned on AneRBC 001-003 treating
 # them as 0.25 µm/px, so the held-out images are scored the same way.
@@ -151,5 +152,5 @@ def mean_row(rows: list[dict], label: str) -> dict:
     return {"image": label, **{k: float(np.nanmean([r[k] for r in rows])) for k in keys}}
 
 
-def default_models(segmenter: str = "classical", classifier: str = "rules") -> Models:
+def default_models(segmenter: str = "classical", classifier: str = DEFAULT_CLASSIFIER) -> Models:
     return Models(RunConfig(segmenter=segmenter, classifier=classifier))

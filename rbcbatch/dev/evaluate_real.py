@@ -33,6 +33,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import cv2
 import duckdb
 import numpy as np
 
@@ -48,6 +49,7 @@ from rbcbatch.dev.datasets import (
     class_counts,
 )
 from rbcbatch.dev.evaluate import ANERBC_HELD_OUT, ANERBC_UM_PER_PX
+from rbcbatch.evaluation.metrics import foreground_scores
 from rbcbatch.segment.calibrate import RBC_DIAMETER_UM
 from rbcbatch.store.run_store import RunStore
 
@@ -282,10 +284,15 @@ def real_catalogs(data: Path, out: Path) -> dict[str, Path]:
     return catalogs
 
 
+def read_catalog_rows(path: Path) -> list[dict]:
+    """The rows of a catalog CSV written by `write_catalog`."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def catalog_size(path: Path) -> int:
     """Slides in a catalog CSV."""
-    with open(path, newline="") as f:
-        return sum(1 for _ in csv.DictReader(f))
+    return len(read_catalog_rows(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,9 +713,46 @@ def bccd_table(root: Path, runs: dict[str, Path], catalogs: dict[str, Path], mod
     return title, _named(rows, model)
 
 
+def anerbc_dice(run_dir: Path, catalog: Path) -> list[dict]:
+    """Per image of `catalog`: foreground Dice of the run's mask and of the Otsu baseline
+    against the image's AneRBC mask (``Binary_segmented``, grey < 128 is a cell)."""
+    store = RunStore(str(run_dir))
+    rows = []
+    for row in read_catalog_rows(catalog):
+        image_path = Path(row["uri"])
+        truth_path = image_path.parent.parent / "Binary_segmented" / image_path.name
+        truth = cv2.imread(str(truth_path), cv2.IMREAD_GRAYSCALE) < 128
+        image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
+        found = store.label_levels(row["slide_id"])[0][:] > 0
+        rows.append(
+            {
+                "image": image_path.name,
+                "model": foreground_scores(found, truth)["dice"],
+                "baseline": foreground_scores(rs.otsu_foreground(image), truth)["dice"],
+            }
+        )
+    return rows
+
+
+def dice_rows(per_image: list[dict]) -> list[dict]:
+    """Table rows: mean and lowest foreground Dice over the images, model beside baseline."""
+    otsu = "Otsu threshold of the grey image, holes filled"
+    return [
+        _row(
+            f"foreground Dice, {how} of {len(per_image)} images",
+            f"{fn([r['model'] for r in per_image]):.3f}",
+            f"{fn([r['baseline'] for r in per_image]):.3f}",
+            otsu,
+        )
+        for how, fn in (("mean", np.mean), ("lowest", np.min))
+    ]
+
+
 def anerbc_table(runs: dict[str, Path], catalogs: dict[str, Path], model: str):
-    """(title, rows) of AneRBC 004-006: flags against the labels, both pixel sizes."""
+    """(title, rows) of AneRBC 004-006: Dice against the masks, flags against the labels, both
+    pixel sizes."""
     assumed = f"{ANERBC_UM_PER_PX} µm/px assumed"
+    dice = dice_rows(anerbc_dice(runs["anerbc"], catalogs["anerbc"]))
     flags = {assumed: patient_flags(runs["anerbc"])}
     px_rows = []
     if "anerbc-estimated" in runs:
@@ -720,8 +764,11 @@ def anerbc_table(runs: dict[str, Path], catalogs: dict[str, Path], model: str):
             (ANERBC_UM_PER_PX, ANERBC_KNOWN),
             (runs["anerbc"], assumed),
         )
-    title = f"AneRBC-I 004-006 (3 healthy, 3 anemic individuals), {model}: flags against labels"
-    return title, _named(flag_rows(flags) + px_rows, model)
+    title = (
+        f"AneRBC-I 004-006 (3 healthy, 3 anemic individuals), {model}: Dice against the masks "
+        f"(run at {assumed}), flags against labels"
+    )
+    return title, _named(dice + flag_rows(flags) + px_rows, model)
 
 
 def pbc_table(runs: dict[str, Path], catalogs: dict[str, Path], model: str):

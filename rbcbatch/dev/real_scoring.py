@@ -9,9 +9,11 @@
   `rbcbatch.evaluation.metrics.match_instances`. That module matches label images, whose
   objects never overlap; boxes of touching cells do (on both sides), so boxes get their own
   IoU here.
+- Masks (AneRBC-I): foreground Dice of the run's masks (any object) against the set's masks.
 - Baselines beside a model: every cell called the most frequent class of the training split
-  (points), a grid of boxes of the training split's median size tiling the image (boxes), and
-  "flag nobody" (flags), so each figure shows what a model adds to a trivial answer.
+  (points), a grid of boxes of the training split's median size tiling the image (boxes), a
+  plain Otsu threshold of the grey image with its holes filled (masks), and "flag nobody"
+  (flags), so each figure shows what a model adds to a simple answer.
 
 evaluate_real reads the runs and the truth; these functions only count.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import cv2
 import numpy as np
+from scipy import ndimage as ndi
 
 # A run's box matches an annotated box at this IoU or more (one-to-one above 0.5).
 IOU_THRESHOLD = 0.5
@@ -234,3 +238,13 @@ def class_rows(
             )
         )
     return rows
+
+
+def otsu_foreground(image: np.ndarray) -> np.ndarray:
+    """The masks' baseline: (H, W) bool, grey at or below its Otsu level, holes filled.
+
+    image: RGB uint8 (H, W, 3). Stained cells are darker than the glass; filling holes adds the
+    central pallor the threshold leaves out."""
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    level, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return ndi.binary_fill_holes(grey <= level)  # OpenCV puts the level itself in the dark class

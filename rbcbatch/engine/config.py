@@ -19,6 +19,7 @@ from rbcbatch.imaging.tiling import TileGeometry
 from rbcbatch.io.deidentify import run_note
 from rbcbatch.io.sources import MAX_WHOLE_IMAGE_PIXELS
 from rbcbatch.segment.classical import ClassicalSegmenter
+from rbcbatch.vocabulary import DEFAULT_CLASSIFIER
 
 
 def _unet_segmenter():
@@ -44,7 +45,7 @@ class RunConfig:
     """Everything that changes what a run computes (its hash goes on every row)."""
 
     segmenter: str = "classical"
-    classifier: str = "rules"
+    classifier: str = DEFAULT_CLASSIFIER
     tile_px: int = 512
     halo_px: int = 96
     max_pixels: int = MAX_WHOLE_IMAGE_PIXELS

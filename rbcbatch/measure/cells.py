@@ -106,13 +106,13 @@ CORE_MIN = 0.80
 PALE_FRACTION = 0.75
 
 # The perimeter is read on the outline smoothed by a Gaussian of this sigma (µm, at least
-# _MIN_SMOOTH_PX pixels): about the resolution of a 100x oil objective, so no real detail of the
+# MIN_SMOOTH_PX pixels): about the resolution of a 100x oil objective, so no real detail of the
 # outline is lost, while the pixel staircase is, including the coarser one of labels that a
 # segmenter working at 0.25 µm/px hands back upsampled (nearest neighbour) to a finer slide. The
 # Crofton perimeter of such labels reads a 1.25x upsampled disk ~4% too long (circularity ~0.92)
 # and would make every round cell look cut; the smoothed outline reads 0.98-1.0.
 OUTLINE_SMOOTHING_UM = 0.3
-_MIN_SMOOTH_PX = 1.0
+MIN_SMOOTH_PX = 1.0
 
 # Background colour is estimated on every _BACKGROUND_STEP-th row and column.
 _BACKGROUND_STEP = 2
@@ -120,7 +120,7 @@ _BACKGROUND_STEP = 2
 _CROSS = ndi.generate_binary_structure(2, 1)
 # Labels are relabelled to 1..n before regionprops when their largest id exceeds this many times
 # the pixel count: regionprops allocates per id up to the largest one.
-_SPARSE_FACTOR = 4
+SPARSE_FACTOR = 4
 
 
 def empty_columns() -> dict[str, np.ndarray]:
@@ -289,7 +289,7 @@ def measure_cells(
         return empty_columns()
 
     original_ids = None
-    if max_label > _SPARSE_FACTOR * labels.size:
+    if max_label > SPARSE_FACTOR * labels.size:
         labels, _, original_ids = relabel_sequential(labels)
     if background_rgb is None:
         background_rgb = estimate_background(labels, image)
@@ -314,7 +314,7 @@ def measure_cells(
     pallor = np.empty((n, 4), dtype=np.float64)
     contact = np.empty(n, dtype=np.float64)
     outline = np.empty((n, 2), dtype=np.float64)
-    sigma_px = max(OUTLINE_SMOOTHING_UM / um_per_px, _MIN_SMOOTH_PX)
+    sigma_px = max(OUTLINE_SMOOTHING_UM / um_per_px, MIN_SMOOTH_PX)
     for i in range(n):
         sl = (slice(t["bbox-0"][i], t["bbox-2"][i]), slice(t["bbox-1"][i], t["bbox-3"][i]))
         mask = t["image"][i]

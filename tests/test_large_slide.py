@@ -31,9 +31,12 @@ pytestmark = pytest.mark.slow
 
 SIDE = 40_000
 REGION = 4096  # RunConfig.region_px at 0.25 µm/px, the slide's own pixel size
-# The decoded slide would be 4.8 GB. The worker's fixed part includes torch and the default
-# learned classifier (measured peak 1,184 MB with it, under 1,024 MB with the rules).
-PEAK_RSS_BOUND_MB = 1280
+# Decoded whole, the slide would be 4.8 GB and its labels 6.4 GB. The worker's fixed part
+# includes torch and the default learned classifier: measured peaks 1,184 MB on the development
+# machine and 1,324 MB on CI with the same code (the allocator's arenas differ), under 1,024 MB
+# with the rules. The bound leaves room for that spread and still fails if a region's working
+# set grew with the slide (a third of the decoded RGB alone).
+PEAK_RSS_BOUND_MB = 1600
 # Cells within this many pixels of a patch edge are cut by it: the small image keeps such
 # fragments as edge objects, the slide sees them surrounded by glass (and drops the tiny ones).
 EDGE_PX = 40

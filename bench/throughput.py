@@ -8,10 +8,15 @@ All figures are megapixels of slide per second (MP/s) over the same synthetic co
 
 * naive: one process, one image at a time (decode, segment the whole image through the same
   tiling, measure, classify, write), the way a script without a scheduler would do it;
-* pipeline: `rbcbatch.engine.run` with 1..N actors, Ray start-up excluded (paid once per
-  command), actor start-up and model loading included;
+* pipeline: `rbcbatch.engine.run` (read tasks → 1..N model actors → write tasks), Ray
+  start-up excluded (paid once per command), actor start-up and model loading included; its
+  model stage's busy fraction from the slides' commit records;
 * model-only: the segmentation network alone on the same tiles, already cut and converted to
   input tensors in memory, in N processes at once: the ceiling the pipeline can approach.
+
+Then each stage alone on one thread (read, prepare, segmentation network, instance separation,
+stitch, measurements, crops, classifier network, write) as MP/s per core, against the budget a
+GPU node sets (GPU_TARGET_MPS over CORES_PER_GPU cores).
 
 The table goes to stdout and, with --results, replaces the section of that Markdown file that
 describes this machine, so a GPU machine's run and a CPU machine's run can sit side by side.
@@ -71,6 +76,117 @@ def naive_loop(catalog: Path, out: Path, config) -> float:
     return time.perf_counter() - started
 
 
+# The budget the design holds every CPU stage to (docs/DESIGN.md): one GPU runs the shipped
+# networks at ~600 MP/s, a GPU node has ~16 cores per GPU, so a CPU stage needs 600 / 16 ≈ 40
+# MP/s per core to keep it fed.
+GPU_TARGET_MPS = 600.0
+CORES_PER_GPU = 16
+
+
+def stage_seconds(catalog: Path, config, out: Path) -> dict[str, float]:
+    """Seconds of each stage of the flow over every slide, on this thread alone, in the order
+    a slide meets them. The networks are timed apart from the work around them."""
+    import numpy as np
+
+    from rbcbatch.classify.crops import slide_crops
+    from rbcbatch.classify.resnet import fixed_standardisation, predict_crops
+    from rbcbatch.engine.config import Models
+    from rbcbatch.engine.slide import cells_table, prepare_slide, stitch_slide
+    from rbcbatch.io.catalog import load_catalog
+    from rbcbatch.io.sources import read_slide
+    from rbcbatch.measure.tensor import measure_cells_tensor
+    from rbcbatch.segment.unet import _padded, postprocess
+    from rbcbatch.store.run_store import RunStore
+
+    models = Models(config)
+    seg, clf = models.segmenter, models.classifier
+    store = RunStore(str(out))
+    provenance = {"run_id": "stages", "config_hash": "stages", "code_version": "stages"}
+    t = dict.fromkeys(
+        ("read", "prepare", "segmentation network", "instance separation", "stitch",
+         "measure (tensor)", "crops", "classifier network", "write"), 0.0
+    )  # fmt: skip
+
+    def timed(name, fn, *args, **kw):
+        started = time.perf_counter()
+        result = fn(*args, **kw)
+        t[name] += time.perf_counter() - started
+        return result
+
+    for spec in load_catalog(str(catalog)).slides:
+        image = timed("read", read_slide, spec.slide_id, spec.uri)
+        work = timed("prepare", prepare_slide, image, spec.um_per_px, models.geometry)
+        segs = []
+        for tile in work.tiles:
+            crop = np.ascontiguousarray(work.work[tile.outer_slices])
+            if not hasattr(seg, "_predict"):  # the classical segmenter: no network
+                segs.append(timed("instance separation", seg, crop, work.stats))
+                continue
+            shape = (_padded(crop.shape[0]), _padded(crop.shape[1]))
+            probs, interior = timed(
+                "segmentation network", seg._predict, [crop], shape, [work.stats]
+            )
+            h, w = crop.shape[:2]
+            segs.append(
+                timed("instance separation", postprocess, probs[0, :, :h, :w], interior[0, :h, :w],
+                      seg.um_per_px, seg.fg_threshold, seg.seed_threshold)
+            )  # fmt: skip
+        labels, kinds = timed("stitch", stitch_slide, work, segs)
+        columns = timed(
+            "measure (tensor)", measure_cells_tensor, labels, image, spec.um_per_px,
+            background_rgb=work.stats.background_rgb,
+        )  # fmt: skip
+        if hasattr(clf, "card"):
+            points = np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
+            crops = timed("crops", slide_crops, image, points, columns, spec.um_per_px,
+                          clf.crop_um, clf.card.input_px)  # fmt: skip
+            timed("classifier network", predict_crops, clf.model, crops,
+                  standardise=fixed_standardisation(clf.input))  # fmt: skip
+        calls = clf(columns, image, spec.um_per_px)  # the calls themselves, untimed
+        started = time.perf_counter()
+        table = cells_table(columns, kinds, calls, models, spec, provenance)
+        store.write_mask(spec.slide_id, labels, spec.um_per_px, {"slide_id": spec.slide_id}, image)
+        store.write_cells(spec.cohort, spec.patient_id, spec.slide_id, table)
+        t["write"] += time.perf_counter() - started
+    return {k: v for k, v in t.items() if v > 0}
+
+
+def budget_markdown(seconds: dict[str, float], megapixels: float) -> str:
+    """Per-stage MP/s per core against the GPU budget: which stage would hold one GPU below
+    GPU_TARGET_MPS with CORES_PER_GPU cores, and which runs on the GPU on such a node."""
+    on_gpu = {"segmentation network", "classifier network", "measure (tensor)", "crops"}
+    need = GPU_TARGET_MPS / CORES_PER_GPU
+    lines = [
+        f"Per-stage budget: each stage alone on one thread of this machine over the same fields. "
+        f"A GPU node feeds one GPU at {GPU_TARGET_MPS:g} MP/s only if every CPU stage reaches "
+        f"{need:g} MP/s per core ({GPU_TARGET_MPS:g} / {CORES_PER_GPU} cores); stages the model "
+        "actor runs on its GPU there are marked so.",
+        "",
+        "| stage | seconds | MP/s per core | where on a GPU node | cores for 600 MP/s | verdict |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for name, s in seconds.items():
+        rate = megapixels / s
+        where = "GPU (model actor)" if name in on_gpu else "CPU"
+        cores = GPU_TARGET_MPS / rate
+        if where != "CPU":
+            verdict = "on the GPU"
+        else:
+            verdict = "meets the budget" if rate >= need else "falls short"
+        lines.append(f"| {name} | {s:.2f} | {rate:.2f} | {where} | {cores:.0f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def busy_fraction(run_dir: Path, seconds: float, actors: int) -> float:
+    """Share of the model actors' wall time spent segmenting, measuring and classifying
+    (the commit records' segment_s + measure_s)."""
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(run_dir / "manifest.parquet").to_pydict()
+    busy = sum(manifest["segment_s"]) + sum(manifest["measure_s"])
+    return busy / (seconds * actors)
+
+
 def model_inputs(catalog: Path, config) -> list:
     """The segmentation network's input tensors for every tile of every slide, as the pipeline
     cuts them (working resolution, halo, padding)."""
@@ -85,7 +201,7 @@ def model_inputs(catalog: Path, config) -> list:
     models = Models(config)
     inputs = []
     for spec in load_catalog(str(catalog)).slides:
-        work = prepare_slide(read_slide(spec.slide_id, spec.uri), spec.um_per_px, models)
+        work = prepare_slide(read_slide(spec.slide_id, spec.uri), spec.um_per_px, models.geometry)
         for tile in work.tiles:
             crop = work.work[tile.outer_slices]
             x = np.zeros((1, 3, _padded(crop.shape[0]), _padded(crop.shape[1])), np.float32)
@@ -124,18 +240,21 @@ def model_only(inputs: list, workers: int) -> float:
             return max(pool.map(_model_only_worker, shares))
 
 
-def results_markdown(machine: str, setup: str, rows: list[tuple], ratios: list[str]) -> str:
+def results_markdown(
+    machine: str, setup: str, rows: list[tuple], ratios: list[str], budget: str
+) -> str:
     lines = [
         f"## {machine}",
         "",
         setup,
         "",
-        "| what | workers | seconds | MP/s |",
-        "|---|---:|---:|---:|",
-        *[f"| {what} | {w} | {s:.1f} | {mps:.2f} |" for what, w, s, mps in rows],
+        "| what | workers | seconds | MP/s | model stage busy |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {what} | {w} | {s:.1f} | {mps:.2f} | {busy} |" for what, w, s, mps, busy in rows],
         "",
         *[f"- {r}" for r in ratios],
         "",
+        budget,
     ]
     return "\n".join(lines)
 
@@ -175,7 +294,10 @@ def main() -> None:
 
     naive_threads = torch.get_num_threads()
     seconds = naive_loop(catalog, args.out / "naive", config)
-    rows.append(("naive loop", 1, seconds, megapixels / seconds))
+    rows.append(("naive loop", 1, seconds, megapixels / seconds, ""))
+    torch.set_num_threads(1)
+    budget = budget_markdown(stage_seconds(catalog, config, args.out / "stages"), megapixels)
+    torch.set_num_threads(naive_threads)
 
     t0 = time.perf_counter()
     connect_ray()
@@ -188,7 +310,8 @@ def main() -> None:
         assert summary.n_failed == 0, summary.failed
         assert pq.read_table(out / "manifest.parquet").num_rows == len(_sizes(catalog))
         pipeline[workers] = megapixels / summary.seconds
-        rows.append(("pipeline", workers, summary.seconds, pipeline[workers]))
+        busy = busy_fraction(out, summary.seconds, workers)
+        rows.append(("pipeline", workers, summary.seconds, pipeline[workers], f"{busy:.2f}"))
 
     ceiling = {}
     if args.segmenter == "unet":
@@ -196,7 +319,7 @@ def main() -> None:
         for workers in worker_counts:
             seconds = model_only(inputs, workers)
             ceiling[workers] = megapixels / seconds
-            rows.append(("model only", workers, seconds, ceiling[workers]))
+            rows.append(("model only", workers, seconds, ceiling[workers], ""))
 
     n = worker_counts[-1]
     naive = rows[0][3]
@@ -215,10 +338,11 @@ def main() -> None:
         f"`{args.segmenter}`, classifier `{args.classifier}`, float32 on CPU / the card's autocast on "
         f"GPU; Ray start-up {ray_start:.1f} s excluded, actor start-up and model loading "
         f"included. The naive loop's network runs on {naive_threads} torch threads (every core); "
-        f"each pipeline actor and each model-only process on one. "
+        f"the pipeline's read and write tasks share the cores with its model actors "
+        f"(engine.run.stage_shape), each model-only process runs on one. "
         f"Measured {time.strftime('%Y-%m-%d')}."
     )
-    section = results_markdown(machine, setup, rows, ratios)
+    section = results_markdown(machine, setup, rows, ratios, budget)
     print(section)
     if args.results:
         write_results(args.results, section, machine)

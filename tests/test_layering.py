@@ -91,5 +91,5 @@ def test_a_run_loads_no_dev_module(tiny_cohort, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = done.stdout.strip().splitlines()[-1].split(",")
-    assert "rbcbatch.engine.processor" in loaded and "rbcbatch.store.run_store" in loaded
+    assert "rbcbatch.engine.stages" in loaded and "rbcbatch.store.run_store" in loaded
     assert [m for m in loaded if m.startswith("rbcbatch.dev")] == []

@@ -85,8 +85,7 @@ def pool_actors(job_id: str | None = None) -> dict[str, dict]:
     return {
         actor_id: info
         for actor_id, info in state.actors().items()
-        if "SlideProcessor" in info["ActorClassName"]
-        and (job_id is None or info["JobID"] == job_id)
+        if "ModelStage" in info["ActorClassName"] and (job_id is None or info["JobID"] == job_id)
     }
 
 

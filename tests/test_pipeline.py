@@ -237,16 +237,33 @@ def test_missing_pixel_size_is_estimated_and_recorded(tiny_cohort, ray_local, tm
     assert set(pc.unique(cells["um_per_px"]).to_pylist()) == {m["um_per_px"] for m in manifest}
 
 
-def test_actor_pool_takes_gpus_for_learned_models_only():
+def test_stages_take_gpus_for_learned_models_only():
     from rbcbatch.engine.config import RunConfig
-    from rbcbatch.engine.run import actor_pool_shape
+    from rbcbatch.engine.run import stage_shape
 
-    cluster = {"CPU": 16.0, "GPU": 2.0}
-    rules = RunConfig(classifier="rules")
-    assert actor_pool_shape(rules, cluster, None, 100) == (16, {"num_cpus": 1})
-    learned = RunConfig()  # the default classifier is the learned one
-    assert actor_pool_shape(learned, cluster, None, 100) == (2, {"num_gpus": 1, "num_cpus": 1})
-    assert actor_pool_shape(learned, {"CPU": 2.0}, None, 1) == (1, {"num_cpus": 1})
+    cluster = {"CPU": 16.0, "GPU": 2.0, "memory": 64e9}
+    rules = stage_shape(RunConfig(classifier="rules"), cluster, None, 100)
+    # Without a learned model the GPUs stay out: 16 CPU actors, each leaving a share to the
+    # read and write tasks (16 - 2 x 0.25 CPUs shared by 16).
+    assert (rules.model_actors, rules.model, rules.task) == (
+        16,
+        {"num_cpus": 15.5 / 16},
+        {"num_cpus": 0.25},
+    )
+    learned = stage_shape(RunConfig(), cluster, None, 100)  # the default classifier is learned
+    assert (learned.model_actors, learned.model) == (2, {"num_gpus": 1, "num_cpus": 1})
+    assert learned.task == {"num_cpus": 1}
+    # A read task asks for 12 bytes a pixel of the largest whole image, within memory per CPU.
+    assert learned.read(100_000_000, cluster) == {"num_cpus": 1, "memory": int(1.2e9)}
+    assert learned.read(10**9, cluster) == {"num_cpus": 1, "memory": int(64e9 / 16)}
+    laptop = stage_shape(RunConfig(), {"CPU": 2.0}, None, 1)
+    assert (laptop.model_actors, laptop.model, laptop.task) == (
+        1,
+        {"num_cpus": 1.0},
+        {"num_cpus": 0.25},
+    )
+    two = stage_shape(RunConfig(), {"CPU": 2.0}, None, 10)
+    assert (two.model_actors, two.model["num_cpus"]) == (2, 0.75)
 
 
 def test_learned_classifier_writes_probabilities_and_embeddings(tiny_cohort, ray_local, tmp_path):

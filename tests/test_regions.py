@@ -13,7 +13,6 @@ from scipy.spatial import cKDTree
 from rbcbatch.dev.synth import render_field
 from rbcbatch.dev.synth_wsi import write_tiled
 from rbcbatch.engine.config import Models, RunConfig, stable_hash
-from rbcbatch.engine.processor import SlideProcessor
 from rbcbatch.engine.regions import (
     GlassView,
     SlideGrid,
@@ -24,6 +23,7 @@ from rbcbatch.engine.regions import (
     region_cores,
     region_tiles,
 )
+from rbcbatch.engine.stages import StageContext, process_here
 from rbcbatch.imaging.tiling import TileGeometry, tile_grid
 from rbcbatch.io.catalog import SlideSpec
 from rbcbatch.io.sources import resample, resize_labels
@@ -145,13 +145,13 @@ def test_pyramid_built_block_by_block_equals_write_mask(tmp_path):
 
 
 def process(out, specs: list[SlideSpec], **config) -> dict:
-    """Run the pipeline's actor class in this process on one batch of slides."""
+    """Run the pipeline's three stages in this process on one batch of slides."""
     run_config = RunConfig(**config)
-    description = Models(run_config).describe()
+    models = Models(run_config)
+    description = models.describe()
     RunStore(str(out)).open(description, stable_hash(description))
-    processor = SlideProcessor(str(out), None, run_config.to_dict(), "run-1")
-    rows = [s.to_dict() for s in specs]
-    return processor({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    ctx = StageContext.of(str(out), None, run_config, "run-1", models)
+    return process_here(specs, ctx, models.geometry.to_dict())
 
 
 def spec_of(slide_id: str, path, um_per_px: float | None) -> SlideSpec:

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from rbcbatch.dev.synth import synth_cohort
-from rbcbatch.engine.processor import MAX_SLIDE_ATTEMPTS
 from rbcbatch.engine.run import run
+from rbcbatch.engine.stages import MAX_SLIDE_ATTEMPTS
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -42,27 +42,51 @@ class ResNetClassifier:
     def __call__(
         self, columns: Mapping[str, np.ndarray], image: np.ndarray, um_per_px: float
     ) -> CellCalls:
-        n = len(columns["cell_id"])
-        if n == 0:
+        return self.classify_many([(columns, image, um_per_px)])[0]
+
+    def classify_many(
+        self, slides: Sequence[tuple[Mapping[str, np.ndarray], np.ndarray, float]]
+    ) -> list[CellCalls]:
+        """Calls for the cells of several slides, (columns, image, µm/px) each: every slide's
+        crops are cut and stain-normalised against that slide, then all of them go through the
+        network in shared batches."""
+        cut = slide_crops if self.input["stain"] == "slide" else _absolute_crops
+        crops = [
+            cut(image, _centroids(columns), columns, um_per_px, self.crop_um, self.card.input_px)
+            for columns, image, um_per_px in slides
+            if len(columns["cell_id"])
+        ]
+        probs, embedding = np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0))
+        if crops:
+            probs, embedding = predict_crops(
+                self.model, np.concatenate(crops), standardise=fixed_standardisation(self.input)
+            )
+        calls, start = [], 0
+        for columns, _, _ in slides:
+            n = len(columns["cell_id"])
+            calls.append(self._calls(probs[start : start + n], embedding[start : start + n]))
+            start += n
+        return calls
+
+    def _calls(self, probs: np.ndarray, embedding: np.ndarray) -> CellCalls:
+        if len(probs) == 0:
             return CellCalls(
                 np.array([], dtype=object),
                 np.zeros(0, np.float32),
                 np.zeros((0, len(self.classes)), np.float32),
                 np.zeros((0, 0), np.float16),
             )
-        points = np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
-        cut = slide_crops if self.input["stain"] == "slide" else _absolute_crops
-        crops = cut(image, points, columns, um_per_px, self.crop_um, self.card.input_px)
-        probs, embedding = predict_crops(
-            self.model, crops, standardise=fixed_standardisation(self.input)
-        )
         best = probs.argmax(axis=1)
         return CellCalls(
             classes=np.asarray(self.classes, dtype=object)[best],
-            probability=probs[np.arange(n), best].astype(np.float32),
+            probability=probs[np.arange(len(best)), best].astype(np.float32),
             probabilities=probs.astype(np.float32),
             embedding=embedding.astype(np.float16),
         )
+
+
+def _centroids(columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
 
 
 def _absolute_crops(image, points, columns, um_per_px, crop_um, out_px):

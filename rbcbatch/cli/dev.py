@@ -189,6 +189,9 @@ def train(
         "--resume",
         help="Classifier: go on from the checkpoint of an interrupted run (.cache/train/).",
     ),
+    threads: int = typer.Option(
+        2, help="Classifier: torch CPU threads (fewer leaves cores to other work)."
+    ),
 ) -> None:
     """Reproduce the shipped weights: train a model and write its weights and model card.
 
@@ -203,6 +206,7 @@ def train(
             seed=seed,
             time_limit_s=minutes * 60 if minutes else None,
             resume=resume,
+            threads=threads,
         )
     elif what == "segmenter":
         from dataclasses import replace

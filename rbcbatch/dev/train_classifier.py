@@ -454,16 +454,20 @@ def build_model(num_classes: int, embedding_dim: int = EMBEDDING_DIM, **kwargs: 
 
 
 def _train_epoch(model, opt, sched, loss_fn, x, y, order, gen, rng, fixed) -> float:
-    """One pass over ``order`` (indices into x uint8 / y int64); returns the mean loss."""
+    """One pass over ``order`` (indices into x uint8 / y int64); returns the mean loss.
+
+    Augmentation runs on the CPU (its random streams stay the same wherever the model is);
+    the network steps on the model's device."""
     import torch
 
+    device = next(model.parameters()).device
     model.train()
     total, seen = 0.0, 0
     for start in range(0, len(order) - BATCH + 1, BATCH):  # drop the ragged last batch (BN)
         idx = np.sort(order[start : start + BATCH])
         xb = augment(crops_to_tensor(jpeg_recompress(x[idx], rng)), gen)
-        logits, _ = model(normalise_crops(xb, fixed))
-        loss = loss_fn(logits, torch.from_numpy(y[idx]))
+        logits, _ = model(normalise_crops(xb, fixed).to(device, non_blocking=True))
+        loss = loss_fn(logits, torch.from_numpy(y[idx]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -471,6 +475,15 @@ def _train_epoch(model, opt, sched, loss_fn, x, y, order, gen, rng, fixed) -> fl
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
+
+
+def _machine(threads: int) -> str:
+    """Where the network was trained, for the card."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, torch {torch.__version__}, {threads} threads"
 
 
 def _half_copy(model):
@@ -501,12 +514,14 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, settings: dict) -> dict | None:
-    """The checkpoint at ``path`` if it was written with the same settings; refuses another."""
+    """The checkpoint at ``path`` if it was written with the same settings; refuses another.
+    Tensors load onto the CPU (the model and optimiser copy them to their device), so a run
+    begun on a GPU can go on on a CPU and back."""
     import torch
 
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     if state["settings"] != settings:
         raise ValueError(
             f"checkpoint {path} was written with other settings ({state['settings']}); "
@@ -539,12 +554,15 @@ def fit_classifier(
     seed_everything(settings["seed"])
     rng = np.random.default_rng(settings["seed"])
     gen = torch.Generator().manual_seed(settings["seed"])
-    model = build_model(**settings["kwargs"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(**settings["kwargs"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     steps = epochs * (len(y_tr) // BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
     weight = (
-        torch.tensor(class_weights(y_tr, n_cls), dtype=torch.float32) if balance == "loss" else None
+        torch.tensor(class_weights(y_tr, n_cls), dtype=torch.float32, device=device)
+        if balance == "loss"
+        else None
     )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=LABEL_SMOOTHING)
 
@@ -590,6 +608,7 @@ def fit_classifier(
             progress(f"time limit reached after epoch {epoch + 1}")
             break
     model.load_state_dict(best["state"])
+    model.cpu()
     return {"model": model, "history": history, "best_epoch": best["epoch"],
             "trained_s": trained_s, "stopped_early": stopped_early}  # fmt: skip
 
@@ -717,7 +736,7 @@ def train_classifier(
             "pilots": PILOTS,
             "history": history,
             "train_wall_s": round(fit["trained_s"], 1),
-            "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {threads} threads",
+            "machine": _machine(threads),
             "weights_dtype": "float16 (loaded as float32)",
         },
     )

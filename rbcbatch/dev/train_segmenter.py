@@ -404,7 +404,7 @@ def _outputs(seg: UNetSegmenter, image: np.ndarray, background: tuple) -> tuple:
     stats = SlideStats(background_rgb=tuple(background), od_threshold=0.1)
     h, w = image.shape[:2]
     pad = (-(-h // 32) * 32, -(-w // 32) * 32)
-    probs, interior = seg._predict([image], pad, stats)
+    probs, interior = seg._predict([image], pad, [stats])
     return probs[0, :, :h, :w], interior[0, :h, :w]
 
 

@@ -1,8 +1,11 @@
-"""The run: catalog → Ray Data → a pool of slide actors → commits, resumable and idempotent.
+"""The run: catalog → Ray Data (read tasks → model actors → write tasks) → commits.
 
-Ray Data streams the uncommitted catalog rows to a pool of `SlideProcessor` actors sized from
-the cluster; a slide that fails is a failures row, a lost node's batches are retried elsewhere,
-and a run that stops moving ends with RunStalledError instead of hanging.
+Ray Data streams the uncommitted catalog rows through three stages (engine.stages) whose
+resources come from the cluster's shape (`stage_shape`): CPU tasks read and tile slides, a pool
+of model actors (a GPU each where there are GPUs) segments, measures and classifies batches of
+slides, CPU tasks write and commit each slide. A slide that fails is a failures row, a lost
+node's work is retried elsewhere, and a run that stops moving ends with RunStalledError instead
+of hanging. Resumable and idempotent: committed slides are skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from rbcbatch.engine.calibration import calibrate_groups, slide_diameters
 from rbcbatch.engine.config import Models, RunConfig, stable_hash
-from rbcbatch.engine.processor import SlideProcessor, failure_row
+from rbcbatch.engine.stages import ModelStage, StageContext, failure_row, read_slides, write_slides
 from rbcbatch.errors import Failure, RbcbatchError, RunStalledError
 from rbcbatch.io.catalog import SlideSpec, load_catalog
 from rbcbatch.io.deidentify import check_run_folder, key_id, row_deidentifier
@@ -39,17 +42,47 @@ class RunSummary:
         return len(self.failed)
 
 
-def actor_pool_shape(
-    config: RunConfig, cluster: dict, workers: int | None, pending: int
-) -> tuple[int, dict]:
-    """Pool size and per-actor resources: one GPU per actor for learned models where GPUs
-    exist, else one CPU per actor; never more actors than slides."""
+# CPUs a read or write task asks for on a machine without GPUs, where the model actors take
+# the rest: those stages are ~10 % of a slide's CPU time there (bench/RESULTS.md), and a
+# fraction lets them overlap the model stage without leaving a core idle.
+CPU_TASK_SHARE = 0.25
+# Memory a read task asks for per pixel of the largest image it may decode whole: the RGB
+# image, its resampled copy and their transients (~4 copies of 3 bytes).
+READ_BYTES_PER_PIXEL = 12
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """How many of each stage run, and what each asks the cluster for."""
+
+    model_actors: int
+    model: dict  # Ray resources of one model actor
+    task: dict  # Ray resources of one read or write task
+    torch_threads: int  # threads of the model actor's torch on a CPU
+
+    def read(self, max_pixels: int, cluster: dict) -> dict:
+        """A read task's resources: its CPUs, and memory for the largest image it may decode
+        whole, within the cluster's memory per CPU."""
+        per_cpu = float(cluster.get("memory", 0)) / max(1.0, float(cluster.get("CPU", 1)))
+        need = READ_BYTES_PER_PIXEL * max_pixels
+        return {**self.task, **({"memory": int(min(need, per_cpu))} if per_cpu > 0 else {})}
+
+
+def stage_shape(config: RunConfig, cluster: dict, workers: int | None, pending: int) -> StageShape:
+    """The stages' resources from the cluster's shape. With GPUs and a learned model: one
+    model actor per GPU (and a CPU to feed it), read and write tasks a CPU each on the other
+    cores. Without: one model actor per CPU (or `workers`), read and write tasks a quarter of
+    a CPU each beside them."""
     learned = config.segmenter != "classical" or config.classifier != "rules"
-    gpus = int(cluster.get("GPU", 0))
+    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    batches = max(1, pending)
     if learned and gpus:
-        return max(1, min(workers or gpus, gpus, pending)), {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(cluster.get("CPU", 1))
-    return max(1, min(workers or cpus, pending)), {"num_cpus": 1}
+        size = max(1, min(workers or gpus, gpus, batches))
+        return StageShape(size, {"num_gpus": 1, "num_cpus": 1}, {"num_cpus": 1}, 1)
+    size = max(1, min(workers or cpus, batches))
+    per_actor = min(1.0, max(CPU_TASK_SHARE, (cpus - 2 * CPU_TASK_SHARE) / size))
+    threads = max(1, round(cpus / size) if workers is None else int(per_actor))
+    return StageShape(size, {"num_cpus": per_actor}, {"num_cpus": CPU_TASK_SHARE}, threads)
 
 
 # Seconds without any slide batch entering or leaving the worker pool after which a run is
@@ -215,27 +248,32 @@ def run(
             import ray
             from ray.data.exceptions import ExecutionTimeoutError
 
-            size, resources = actor_pool_shape(
-                config, ray.cluster_resources(), workers, len(pending)
-            )
+            cluster = ray.cluster_resources()
+            shape = stage_shape(config, cluster, workers, len(pending))
+            ctx = StageContext.of(out, storage_options, config, run_id, models)
             items = [s.to_dict() for s in pending]
-            blocks = max(1, len(items) // slides_per_batch)
-            ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-                SlideProcessor,
-                fn_constructor_kwargs={
-                    "run_url": out,
-                    "storage_options": storage_options,
-                    "config": config.to_dict(),
-                    "run_id": run_id,
-                },
-                batch_size=slides_per_batch,
-                compute=ray.data.ActorPoolStrategy(size=size),
-                # Only CPU/GPU counts, never a node-specific resource: an actor lost with its node is
-                # restarted wherever a CPU/GPU is free, and the batches it held are retried there
-                # (Ray Data's actor-pool defaults, max_restarts=-1 and max_task_retries=-1; passing
-                # them here is deprecated). A redone slide overwrites what its lost attempt left:
-                # its outputs go to fixed paths and its commit record is written last.
-                **resources,
+            # One block per slide: a read task that dies takes only its own slide with it.
+            ds = (
+                ray.data.from_items(items, override_num_blocks=len(items))
+                .map_batches(
+                    read_slides,
+                    fn_kwargs={"ctx": ctx, "geometry": models.geometry.to_dict()},
+                    batch_size=1,
+                    **shape.read(config.max_pixels, cluster),
+                )
+                .map_batches(
+                    ModelStage,
+                    fn_constructor_kwargs={"ctx": ctx, "torch_threads": shape.torch_threads},
+                    batch_size=slides_per_batch,
+                    compute=ray.data.ActorPoolStrategy(size=shape.model_actors),
+                    # Only CPU/GPU counts, never a node-specific resource: an actor lost with
+                    # its node is restarted wherever a CPU/GPU is free, and the batches it held
+                    # are retried there (Ray Data's defaults, max_restarts=-1 and
+                    # max_task_retries=-1). A redone slide overwrites what its lost attempt
+                    # left: its outputs go to fixed paths and its commit record is written last.
+                    **shape.model,
+                )
+                .map_batches(write_slides, fn_kwargs={"ctx": ctx}, batch_size=1, **shape.task)
             )
             ds.context.execution_no_progress_timeout_s = ray_stall_timeout(stall_timeout_s)
             # An error that escapes a slide's own failure handling (the store itself is unreachable)

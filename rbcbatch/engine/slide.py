@@ -19,7 +19,7 @@ from rbcbatch.classify.calls import CellCalls
 from rbcbatch.engine.config import Models
 from rbcbatch.errors import SlideError
 from rbcbatch.imaging.stitch import core_object_ids, paint_tile
-from rbcbatch.imaging.tiling import tile_grid
+from rbcbatch.imaging.tiling import TileGeometry, tile_grid
 from rbcbatch.io.catalog import SlideSpec
 from rbcbatch.io.sources import resample, resize_labels
 from rbcbatch.segment.calibrate import RBC_DIAMETER_UM
@@ -45,32 +45,33 @@ class SlideWork:
     full_shape: tuple[int, int]
 
 
-def prepare_slide(image: np.ndarray, um_per_px: float, models: Models) -> SlideWork:
+def prepare_slide(image: np.ndarray, um_per_px: float, geometry: TileGeometry) -> SlideWork:
     """Resample to the working resolution, estimate slide statistics once, cut the tiles."""
-    work = resample(image, um_per_px / models.geometry.um_per_px)
+    work = resample(image, um_per_px / geometry.um_per_px)
     overview_scale = min(1.0, (OVERVIEW_PIXELS / (work.shape[0] * work.shape[1])) ** 0.5)
     stats = estimate_slide_stats(resample(work, overview_scale))
-    tiles = tile_grid(work.shape[0], work.shape[1], models.geometry)
+    tiles = tile_grid(work.shape[0], work.shape[1], geometry)
     return SlideWork(work, stats, tiles, image.shape[:2])
 
 
-def segment_tiles(works: list[SlideWork], models: Models, tile_batch: int = 16) -> list[list]:
+def segment_tiles(works: list[SlideWork], models: Models) -> list[list]:
     """Segment every tile of several slides; returns, per slide, its Segmentations in tile order.
 
-    Segmenters with a batch method get up to `tile_batch` tiles of one slide at a time (a batch
-    shares the slide's statistics); the classical one is called tile by tile.
+    A segmenter with a batch method gets the tiles of all the slides at once, each with its
+    slide's statistics, and batches them as its device allows; the classical one is called
+    tile by tile.
     """
+    crops = [np.ascontiguousarray(w.work[t.outer_slices]) for w in works for t in w.tiles]
+    stats = [w.stats for w in works for _ in w.tiles]
     batch_fn = getattr(models.segmenter, "segment_batch", None)
-    per_slide = []
+    if batch_fn is None:
+        segs = [models.segmenter(crop, s) for crop, s in zip(crops, stats, strict=True)]
+    else:
+        segs = batch_fn(crops, stats) if crops else []
+    per_slide, start = [], 0
     for w in works:
-        crops = [np.ascontiguousarray(w.work[t.outer_slices]) for t in w.tiles]
-        if batch_fn is None:
-            per_slide.append([models.segmenter(crop, w.stats) for crop in crops])
-            continue
-        segs = []
-        for start in range(0, len(crops), tile_batch):
-            segs.extend(batch_fn(crops[start : start + tile_batch], w.stats))
-        per_slide.append(segs)
+        per_slide.append(segs[start : start + len(w.tiles)])
+        start += len(w.tiles)
     return per_slide
 
 
@@ -94,7 +95,7 @@ def segment_slide(
 
     image: uint8 H×W×3 at the slide's pixel size. Returns (labels uint32 H×W, {id: kind}, stats).
     """
-    work = prepare_slide(image, um_per_px, models)
+    work = prepare_slide(image, um_per_px, models.geometry)
     labels, kinds = stitch_slide(work, segment_tiles([work], models)[0])
     return labels, kinds, work.stats
 

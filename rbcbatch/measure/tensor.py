@@ -55,8 +55,11 @@ HULL_DIRECTIONS = 64
 # Crops are squares whose side (px) is the cell's box plus the blur's reach on both sides,
 # rounded up to a multiple of this: few distinct sides (one gather each), little waste.
 CROP_SIDE_STEP = 8
-# Cells per convolution when blurring crops (bounds the memory of the largest side).
-_CROP_BATCH_PIXELS = 8_000_000
+# Crop pixels per batch of crops: bounds the transient memory of the per-crop steps (about 60
+# bytes per crop pixel) whatever the region's size; 1 M keeps several hundred cells per batch.
+_CROP_BATCH_PIXELS = 1_000_000
+# Image rows per step of the optical-density lookup: bounds its float64 transients.
+_OD_ROWS = 512
 _SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 
 
@@ -71,7 +74,8 @@ def measure_cells_tensor(
     """Measure every labelled cell of a region: the columns of CELL_MEASURES, one row per label.
 
     Arguments and result as `measure.cells.measure_cells`; device: where the tensors live
-    (default: the CPU). Rows are sorted by cell_id.
+    (default: the GPU when there is one, beside the networks, else the CPU). Rows are sorted
+    by cell_id.
     """
     labels = np.asarray(labels)
     image = np.asarray(image)
@@ -85,7 +89,7 @@ def measure_cells_tensor(
         return empty_columns()
     if background_rgb is None:
         background_rgb = estimate_background(labels, image)
-    dev = torch.device(device or "cpu")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ids, index_np = cell_index(labels)
     index = torch.as_tensor(index_np, device=dev)
     image_t = torch.as_tensor(np.ascontiguousarray(image), device=dev)
@@ -110,9 +114,12 @@ def optical_density_image(image: torch.Tensor, background_rgb) -> torch.Tensor:
     """Mean-over-channels OD, float32 (H, W), from the lookup `imaging.density` builds, so the
     values equal `mean_optical_density`'s."""
     lut = torch.as_tensor(mean_od_lut(background_rgb), device=image.device)
-    idx = image.to(torch.int64)
-    od = lut[0][idx[..., 0]] + lut[1][idx[..., 1]] + lut[2][idx[..., 2]]
-    return od.to(torch.float32)
+    out = torch.empty(image.shape[:2], dtype=torch.float32, device=image.device)
+    for top in range(0, image.shape[0], _OD_ROWS):
+        band = image[top : top + _OD_ROWS].to(torch.int64)
+        od = lut[0][band[..., 0]] + lut[1][band[..., 1]] + lut[2][band[..., 2]]
+        out[top : top + _OD_ROWS] = od
+    return out
 
 
 def cell_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +242,8 @@ def contacts(px: PixelTable, n: int, shape: tuple[int, int]) -> np.ndarray:
     """contact_fraction: of the distinct pixels 4-adjacent to a cell (inside the region), the
     fraction that belong to another cell."""
     height, width = shape
-    cell_at = torch.zeros(height * width, dtype=torch.int64, device=px.device)
-    cell_at[px.row * width + px.col] = px.cell + 1
+    cell_at = torch.zeros(height * width, dtype=torch.int32, device=px.device)
+    cell_at[px.row * width + px.col] = (px.cell + 1).to(torch.int32)
     on = px.boundary
     row, col, cell = px.row[on], px.col[on], px.cell[on]
     keys = []

@@ -14,6 +14,8 @@ high-confidence cores seed a watershed of the foreground, one seed per cell.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
@@ -43,11 +45,15 @@ SEED_THRESHOLD = 0.5  # interior probability of a seed pixel
 # dropped, red cells need 4 um^2 (a 2.3 um fragment) unless cut by the tile edge.
 MIN_OBJECT_AREA_UM2 = 0.5
 MIN_RBC_AREA_UM2 = 4.0
-# Largest batch of tiles run through the network at once on a GPU (704^2 tiles: ~1.5 GB of
-# activations). On CPU tiles go one at a time: one thread ran 4 x 704^2 tiles in 2.0 s singly
-# vs 2.4 s as one batch (cache-bound), so batching only pays on a GPU.
-MAX_BATCH = 8
+# Largest batch of tiles run through the network at once on a GPU; below it the card's free
+# memory decides (UNetSegmenter.batch_limit). On CPU tiles go one at a time: one thread ran
+# 4 x 704^2 tiles in 2.0 s singly vs 2.4 s as one batch (cache-bound), so batching only pays
+# on a GPU.
+MAX_BATCH = 64
 CPU_BATCH = 1
+# GPU memory per input pixel of a forward pass: 8 x 704^2 tiles took ~1.5 GB of activations
+# (~380 B/px); the margin covers the allocator's fragmentation.
+GPU_BYTES_PER_PIXEL = 600
 
 
 def image_to_input(image: np.ndarray, background_rgb) -> np.ndarray:
@@ -159,12 +165,16 @@ class UNetSegmenter:
         """Segment one RGB uint8 tile (H, W, 3) into red cells, WBCs and platelets."""
         return self.segment_batch([image], stats)[0]
 
-    def segment_batch(self, images: list[np.ndarray], stats: SlideStats) -> list[Segmentation]:
-        """Segment tiles of one slide; tiles of equal padded size share a network batch.
+    def segment_batch(
+        self, images: list[np.ndarray], stats: SlideStats | Sequence[SlideStats]
+    ) -> list[Segmentation]:
+        """Segment tiles of one slide (one `stats`) or of many (one per tile); tiles of equal
+        padded size share a network batch, whichever slide they come from.
 
         Grouping by padded size (rather than padding all to the largest) keeps every tile's
         result identical to a call on that tile alone.
         """
+        per_tile = [stats] * len(images) if isinstance(stats, SlideStats) else list(stats)
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"expected an RGB tile (H, W, 3), got shape {image.shape}")
@@ -172,11 +182,13 @@ class UNetSegmenter:
         for i, image in enumerate(images):
             groups.setdefault((_padded(image.shape[0]), _padded(image.shape[1])), []).append(i)
         out: list[Segmentation | None] = [None] * len(images)
-        limit = MAX_BATCH if self.device.type == "cuda" else CPU_BATCH
         for shape, members in groups.items():
+            limit = self.batch_limit(shape)
             for start in range(0, len(members), limit):
                 chunk = members[start : start + limit]
-                probs, interior = self._predict([images[i] for i in chunk], shape, stats)
+                probs, interior = self._predict(
+                    [images[i] for i in chunk], shape, [per_tile[i] for i in chunk]
+                )
                 for j, i in enumerate(chunk):
                     h, w = images[i].shape[:2]
                     out[i] = postprocess(
@@ -188,10 +200,25 @@ class UNetSegmenter:
                     )
         return out  # type: ignore[return-value]
 
+    def batch_limit(self, shape: tuple[int, int]) -> int:
+        """Tiles per network call: one on a CPU (no gain from more there), and on a GPU as
+        many as half its free memory holds at GPU_BYTES_PER_PIXEL, within [1, MAX_BATCH]."""
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fits = int(0.5 * free // (GPU_BYTES_PER_PIXEL * shape[0] * shape[1]))
+        return max(1, min(MAX_BATCH, fits))
+
     def _predict(
-        self, images: list[np.ndarray], shape: tuple[int, int], stats: SlideStats
+        self,
+        images: list[np.ndarray],
+        shape: tuple[int, int],
+        stats: Sequence[SlideStats],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax (N, 4, H, W) and interior (N, H, W), float32, for tiles padded to ``shape``.
+        """Softmax (N, 4, H, W) and interior (N, H, W), float32, for tiles padded to ``shape``;
+        `stats`: each tile's slide statistics.
 
         Padding is OD 0, i.e. bare glass beyond the tile, like the zero padding of the
         convolutions at the edges of training crops.
@@ -202,7 +229,7 @@ class UNetSegmenter:
         batch = np.zeros((len(images), 3, *shape), dtype=np.float32)
         for j, image in enumerate(images):
             h, w = image.shape[:2]
-            batch[j, :, :h, :w] = image_to_input(image, stats.background_rgb)
+            batch[j, :, :h, :w] = image_to_input(image, stats[j].background_rgb)
         x = torch.from_numpy(batch).to(self.device)
         with torch.inference_mode():
             if self.device.type == "cuda":

@@ -428,16 +428,36 @@ class RunStore:
             folder = folder.rsplit("/", 1)[0]
 
     # -- attempts: which slide was in hand when a worker died --------------------------
-    def attempts(self, run_id: str, slide_id: str) -> int:
-        """How many times this run has started processing the slide (0 if never)."""
-        path = self.path("_attempts", run_id, f"{slide_id}.json")
-        return json.loads(self.fs.cat_file(path))["attempts"] if self.fs.exists(path) else 0
+    def _attempt_path(self, run_id: str, slide_id: str, stage: str) -> str:
+        """The read stage's markers sit directly under the run's folder, later stages' in a
+        folder each."""
+        parts = (run_id,) if stage == "read" else (run_id, stage)
+        return self.path("_attempts", *parts, f"{slide_id}.json")
 
-    def begin_attempt(self, run_id: str, slide_id: str, attempt: int, pid: int) -> None:
-        """Record that a worker (process `pid`) starts processing the slide for the n-th time."""
+    def _attempt(self, run_id: str, slide_id: str, stage: str) -> dict:
+        path = self._attempt_path(run_id, slide_id, stage)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {}
+
+    def attempts(self, run_id: str, slide_id: str, stage: str = "read") -> int:
+        """How many times this run's `stage` has started processing the slide (0 if never)."""
+        return int(self._attempt(run_id, slide_id, stage).get("attempts", 0))
+
+    def attempt_started(self, run_id: str, slide_id: str, stage: str = "read") -> int:
+        """When the stage last started the slide (ns since the epoch; 0 if never)."""
+        return int(self._attempt(run_id, slide_id, stage).get("started_ns", 0))
+
+    def begin_attempt(
+        self, run_id: str, slide_id: str, attempt: int, pid: int, stage: str = "read"
+    ) -> None:
+        """Record that a worker (process `pid`) of `stage` starts the slide for the n-th time."""
         self._put_json(
-            self.path("_attempts", run_id, f"{slide_id}.json"),
-            {"attempts": attempt, "pid": pid, "started_at": now_iso()},
+            self._attempt_path(run_id, slide_id, stage),
+            {
+                "attempts": attempt,
+                "pid": pid,
+                "started_at": now_iso(),
+                "started_ns": time.time_ns(),
+            },
         )
 
     def clear_attempts(self, run_id: str) -> None:

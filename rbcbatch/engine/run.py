@@ -81,7 +81,7 @@ def stage_shape(config: RunConfig, cluster: dict, workers: int | None, pending: 
         return StageShape(size, {"num_gpus": 1, "num_cpus": 1}, {"num_cpus": 1}, 1)
     size = max(1, min(workers or cpus, batches))
     per_actor = min(1.0, max(CPU_TASK_SHARE, (cpus - 2 * CPU_TASK_SHARE) / size))
-    threads = max(1, round(cpus / size) if workers is None else int(per_actor))
+    threads = max(1, round(cpus / size))  # every core works for the networks
     return StageShape(size, {"num_cpus": per_actor}, {"num_cpus": CPU_TASK_SHARE}, threads)
 
 
@@ -265,7 +265,11 @@ def run(
                     ModelStage,
                     fn_constructor_kwargs={"ctx": ctx, "torch_threads": shape.torch_threads},
                     batch_size=slides_per_batch,
-                    compute=ray.data.ActorPoolStrategy(size=shape.model_actors),
+                    # Two batches in flight per actor: the next one's input is fetched while
+                    # the actor works, and no actor queues up work another could take.
+                    compute=ray.data.ActorPoolStrategy(
+                        size=shape.model_actors, max_tasks_in_flight_per_actor=2
+                    ),
                     # Only CPU/GPU counts, never a node-specific resource: an actor lost with
                     # its node is restarted wherever a CPU/GPU is free, and the batches it held
                     # are retried there (Ray Data's defaults, max_restarts=-1 and

@@ -49,7 +49,6 @@ from rbcbatch.imaging.density import intensity_at
 from rbcbatch.imaging.tiling import Tile, TileGeometry, tile_at
 from rbcbatch.io.catalog import SlideSpec
 from rbcbatch.io.wsi import WholeSlide, is_tiff, open_slide, read_shrunk
-from rbcbatch.measure.tensor import measure_cells_tensor
 from rbcbatch.segment.calibrate import cell_diameters_px
 from rbcbatch.segment.classical import SlideStats, estimate_slide_stats
 from rbcbatch.store.masks import OVERVIEW_FACTOR, fill_pyramid
@@ -365,6 +364,9 @@ def measure_region(
     )
     labels = level0[y0:y1, x0:x1]
     image = slide.read_region(0, y0, x0, y1 - y0, x1 - x0)
+    # torch loads only where cells are measured: read and write tasks stay light
+    from rbcbatch.measure.tensor import measure_cells_tensor
+
     columns = measure_cells_tensor(
         labels, image, spec.um_per_px, background_rgb=stats.background_rgb
     )

@@ -43,7 +43,6 @@ from rbcbatch.imaging.tiling import TileGeometry
 from rbcbatch.io.catalog import SlideSpec
 from rbcbatch.io.sources import read_slide
 from rbcbatch.io.storage import destination_unwritable
-from rbcbatch.measure.tensor import measure_cells_tensor
 from rbcbatch.segment.calibrate import cell_diameters_px
 from rbcbatch.store.run_store import RunStore
 
@@ -300,6 +299,9 @@ class ModelStage:
             segs = segment_tiles([state.work], self.models)[0]
         state.labels, state.kinds = stitch_slide(state.work, segs)
         t1 = time.perf_counter()
+        # torch loads only where cells are measured: read and write tasks stay light
+        from rbcbatch.measure.tensor import measure_cells_tensor
+
         state.columns = measure_cells_tensor(
             state.labels,
             state.image,

@@ -75,11 +75,11 @@ def stage_shape(config: RunConfig, cluster: dict, workers: int | None, pending: 
     a CPU each beside them."""
     learned = config.segmenter != "classical" or config.classifier != "rules"
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
-    batches = max(1, pending)
+    slides = max(1, pending)  # never more actors than slides
     if learned and gpus:
-        size = max(1, min(workers or gpus, gpus, batches))
+        size = max(1, min(workers or gpus, gpus, slides))
         return StageShape(size, {"num_gpus": 1, "num_cpus": 1}, {"num_cpus": 1}, 1)
-    size = max(1, min(workers or cpus, batches))
+    size = max(1, min(workers or cpus, slides))
     per_actor = min(1.0, max(CPU_TASK_SHARE, (cpus - 2 * CPU_TASK_SHARE) / size))
     threads = max(1, round(cpus / size))  # every core works for the networks
     return StageShape(size, {"num_cpus": per_actor}, {"num_cpus": CPU_TASK_SHARE}, threads)

@@ -93,9 +93,13 @@ class StageContext:
         }
         return cls(run_url, storage_options, config.to_dict(), run_id, provenance)
 
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig(**self.config)
+
     def store(self) -> RunStore:
-        config = RunConfig(**self.config)
-        return RunStore(self.run_url, self.storage_options, bool(config.deidentify_key_id))
+        deidentified = bool(self.run_config.deidentify_key_id)
+        return RunStore(self.run_url, self.storage_options, deidentified)
 
 
 def to_row(state: SlideState, status: str) -> dict:
@@ -180,7 +184,7 @@ def read_slides(batch: dict[str, np.ndarray], ctx: StageContext, geometry: dict)
 def read_one(state: SlideState, ctx: StageContext, geometry: TileGeometry) -> dict:
     """The row of one slide read and tiled, or of one left whole for the model stage's
     region-by-region path (tiled TIFFs over region_min_pixels)."""
-    config = RunConfig(**ctx.config)
+    config = ctx.run_config
     spec = state.spec
     slide = open_if_large(spec, ctx.storage_options, config.region_min_pixels)
     if slide is not None:
@@ -210,22 +214,18 @@ class ModelStage:
 
             torch.set_num_threads(torch_threads)
         self.ctx = ctx
-        self.config = RunConfig(**ctx.config)
+        self.config = ctx.run_config
         self.models = Models(self.config)
         self.store = ctx.store()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = rows_of(batch)
-        retried = any(
-            self.store.attempts(self.ctx.run_id, s.spec.slide_id, "model")
-            for status, s in rows
-            if status in (READ, LARGE)
-        )
-        if retried:
+        todo = [state.spec.slide_id for status, state in rows if status in (READ, LARGE)]
+        run_id = self.ctx.run_id
+        if any(self.store.attempts(run_id, slide_id, "model") for slide_id in todo):
             return batch_of(self.one_by_one(rows))
-        for status, state in rows:
-            if status in (READ, LARGE):
-                claim_attempt(self.store, self.ctx, state.spec, "model")
+        for slide_id in todo:  # none was started before: each starts its first attempt
+            self.store.begin_attempt(run_id, slide_id, 1, os.getpid(), "model")
         return batch_of(self.process(rows))
 
     def one_by_one(self, rows: list[tuple[str, SlideState]]) -> list[dict]:
